@@ -1,0 +1,33 @@
+"""senseflow-composer: SenseFlow distillation (DMD + IDA + ISG + VFM discriminator) on MosaicML Composer.
+
+Public names are imported lazily so that ``train.py`` can validate a config before torch and Composer load.
+"""
+
+from importlib import import_module
+from typing import Any
+
+__version__ = '0.1.0'
+
+_EXPORTS = {
+    'DMDModel': 'senseflow_algos.models.dmd',
+    'build_dmd_model': 'senseflow_algos.models.factory',
+    'ModelFamily': 'senseflow_algos.models.families',
+    'FluxFamily': 'senseflow_algos.models.families',
+    'SD3Family': 'senseflow_algos.models.families',
+    'get_family': 'senseflow_algos.models.families',
+    'PhasedAdamW': 'senseflow_algos.optim',
+    'Phase': 'senseflow_algos.optim',
+    'flow': 'senseflow_algos.flow',
+    'load_config': 'senseflow_algos.config',
+    'validate_config': 'senseflow_algos.config',
+    'ConfigError': 'senseflow_algos.config',
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    module = import_module(_EXPORTS[name])
+    return module if module.__name__.endswith(f'.{name}') else getattr(module, name)

@@ -1,0 +1,133 @@
+"""Builders from a validated run config to Composer objects: model, data, optimizer, scheduler, algorithms,
+callbacks, loggers and the ``Trainer``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from composer import Trainer
+from composer.callbacks import LRMonitor, MemoryMonitor, OptimizerMonitor, RuntimeEstimator, SpeedMonitor
+from composer.core import Algorithm, Callback
+from composer.loggers import LoggerDestination, WandBLogger
+from composer.optim import (ConstantScheduler, ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler,
+                            LinearWithWarmupScheduler)
+from composer.utils import dist
+from torch.utils.data import DataLoader
+
+from senseflow_algos.data import build_synthetic_dataloader
+from senseflow_algos.models.dmd import DMDModel
+from senseflow_algos.models.factory import build_dmd_model
+from senseflow_algos.optim import PhasedAdamW
+
+__all__ = [
+    'build_model', 'build_dataloader', 'build_optimizer', 'build_scheduler', 'build_algorithms', 'build_callbacks',
+    'build_loggers', 'build_trainer', 'ALGORITHMS', 'CALLBACKS', 'SCHEDULERS'
+]
+
+#: ``algorithms:`` YAML key -> Algorithm class (kwargs from YAML).
+ALGORITHMS: dict[str, Callable[..., Algorithm]] = {}
+
+#: ``callbacks:`` YAML key -> Callback class (kwargs from YAML).
+CALLBACKS: dict[str, Callable[..., Callback]] = {
+    'speed_monitor': SpeedMonitor,
+    'lr_monitor': LRMonitor,
+    'memory_monitor': MemoryMonitor,
+    'runtime_estimator': RuntimeEstimator,
+    'optimizer_monitor': OptimizerMonitor,
+}
+
+#: ``scheduler.name`` -> Composer scheduler class.
+SCHEDULERS = {
+    'constant': ConstantScheduler,
+    'constant_with_warmup': ConstantWithWarmupScheduler,
+    'linear_with_warmup': LinearWithWarmupScheduler,
+    'cosine_with_warmup': CosineAnnealingWithWarmupScheduler,
+}
+
+
+def build_model(model_cfg: dict[str, Any], seed: int) -> DMDModel:
+    """``model:`` section -> :class:`DMDModel`."""
+    return build_dmd_model(seed=seed, **model_cfg)
+
+
+def build_dataloader(dataset_cfg: dict[str, Any], resolution: int, seed: int) -> DataLoader:
+    """``dataset:`` section -> dataloader with the per-device batch size."""
+    cfg = dict(dataset_cfg)
+    kind = cfg.pop('kind')
+    global_batch = cfg.pop('global_batch_size')
+    world = dist.get_world_size()
+    if global_batch % world:
+        raise ValueError(f'dataset.global_batch_size={global_batch} is not divisible by the world size {world}')
+    if kind == 'synthetic':
+        return build_synthetic_dataloader(batch_size=global_batch // world, resolution=resolution, seed=seed, **cfg)
+    raise ValueError(f'dataset.kind={kind!r} is not supported')
+
+
+def build_optimizer(optimizer_cfg: dict[str, Any], model: DMDModel) -> PhasedAdamW:
+    """``optimizer:`` section -> one :class:`PhasedAdamW` over all trainable networks."""
+    cfg = dict(optimizer_cfg)
+    if 'betas' in cfg:
+        cfg['betas'] = tuple(cfg['betas'])
+    return PhasedAdamW(model.param_groups(), controller=model, **cfg)
+
+
+def build_scheduler(scheduler_cfg: dict[str, Any] | None):
+    """``scheduler:`` section -> Composer scheduler (``None`` when absent: constant LR)."""
+    if not scheduler_cfg:
+        return None
+    cfg = dict(scheduler_cfg)
+    return SCHEDULERS[cfg.pop('name')](**cfg)
+
+
+def _instantiate_named(section: dict[str, Any] | None, registry: dict[str, Callable], what: str) -> list:
+    out = []
+    for name, kwargs in (section or {}).items():
+        if name not in registry:
+            raise ValueError(f'{what}.{name} is not known; choose from {sorted(registry)}')
+        out.append(registry[name](**(kwargs or {})))
+    return out
+
+
+def build_algorithms(algorithms_cfg: dict[str, Any] | None) -> list[Algorithm]:
+    """``algorithms:`` section (name -> kwargs) -> Algorithms, in YAML order."""
+    return _instantiate_named(algorithms_cfg, ALGORITHMS, 'algorithms')
+
+
+def build_callbacks(callbacks_cfg: dict[str, Any] | None) -> list[Callback]:
+    """``callbacks:`` section (name -> kwargs) -> Callbacks."""
+    return _instantiate_named(callbacks_cfg, CALLBACKS, 'callbacks')
+
+
+def build_loggers(loggers_cfg: dict[str, Any] | None, full_cfg: dict[str, Any]) -> list[LoggerDestination]:
+    """``loggers:`` section -> logger destinations. wandb gets the resolved run config."""
+    loggers: list[LoggerDestination] = []
+    for name, kwargs in (loggers_cfg or {}).items():
+        if name == 'wandb':
+            kwargs = dict(kwargs or {})
+            init_kwargs = dict(kwargs.pop('init_kwargs', None) or {})
+            init_kwargs.setdefault('config', full_cfg)
+            loggers.append(WandBLogger(init_kwargs=init_kwargs, **kwargs))
+        else:
+            raise ValueError(f'loggers.{name} is not known; choose from [wandb]')
+    return loggers
+
+
+def build_trainer(cfg: dict[str, Any]) -> Trainer:
+    """Build everything a validated run config describes and return the Composer ``Trainer``."""
+    seed = cfg.get('seed', 17)
+    model = build_model(cfg['model'], seed=seed)
+    dataloader = build_dataloader(cfg['dataset'], resolution=cfg['model']['resolution'], seed=seed)
+    optimizer = build_optimizer(cfg['optimizer'], model)
+    scheduler = build_scheduler(cfg.get('scheduler'))
+    return Trainer(
+        model=model,
+        train_dataloader=dataloader,
+        optimizers=optimizer,
+        schedulers=scheduler,
+        algorithms=build_algorithms(cfg.get('algorithms')),
+        callbacks=build_callbacks(cfg.get('callbacks')),
+        loggers=build_loggers(cfg.get('loggers'), cfg),
+        run_name=cfg.get('run_name'),
+        seed=seed,
+        **cfg['trainer'],
+    )

@@ -1,0 +1,190 @@
+"""Flow-matching math shared by training, sampling, ISG and the tests.
+
+Notation (rectified flow, as FLUX and SD3 use it)::
+
+    x_t = (1 - s) * x0 + s * eps        s = sigma in [0, 1], s = 1 is pure noise
+    v   = eps - x0                      the network predicts v
+    x0  = x_t - s * v
+
+Every function here is pure: no module state, randomness only through an explicit ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+
+__all__ = [
+    'shift_sigma',
+    'flux_mu',
+    'flux_time_shift',
+    'sd3_index_to_sigma',
+    'flux_index_to_sigma',
+    'append_zero',
+    'add_noise',
+    'x0_from_velocity',
+    'velocity_from_x0',
+    'euler_step',
+    'renoise_step',
+    'backward_simulation',
+    'sample_logit_normal',
+    'sample_noise',
+    'dmd_gradient',
+    'dmd_loss',
+    'charbonnier',
+]
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _per_sample(sigma: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a scalar or a per-sample ``(B,)`` sigma against a ``(B, ...)`` tensor."""
+    sigma = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
+    if sigma.ndim == 0:
+        return sigma
+    return sigma.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Schedules
+
+
+def shift_sigma(sigma: torch.Tensor | float, shift: float) -> torch.Tensor:
+    """SD3's static time shift ``shift * s / (1 + (shift - 1) * s)``.
+
+    Args:
+        sigma (Tensor | float): Unshifted sigma(s) in [0, 1].
+        shift (float): Shift factor (3.0 for SD 3.5).
+
+    Returns:
+        Tensor: Shifted sigma(s).
+    """
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+            max_shift: float = 1.15) -> float:
+    """FLUX's resolution-dependent shift exponent, linear in the number of packed image tokens.
+
+    At 1024x1024 (4096 tokens) this is ``max_shift`` = 1.15.
+    """
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + (base_shift - slope * base_seq_len)
+
+
+def flux_time_shift(sigma: torch.Tensor | float, mu: float) -> torch.Tensor:
+    """FLUX's exponential time shift ``e^mu / (e^mu + 1/s - 1)`` (exactly 0 at s = 0)."""
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    safe = s.clamp_min(1e-12)
+    return torch.where(s > 0, math.exp(mu) / (math.exp(mu) + 1 / safe - 1), torch.zeros_like(s))
+
+
+def sd3_index_to_sigma(index: torch.Tensor | int, shift: float = 3.0, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """SD3.5 maps a 0..999 timestep index to sigma as ``shift((idx + 1) / 1000)`` (flipped scheduler sigmas)."""
+    idx = torch.as_tensor(index, dtype=torch.float64)
+    return shift_sigma((idx + 1) / num_train_timesteps, shift)
+
+
+def flux_index_to_sigma(index: torch.Tensor | int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """FLUX's anchors are already shifted, so an index on the 0..1000 grid maps to ``idx / 1000``."""
+    return torch.as_tensor(index, dtype=torch.float64) / num_train_timesteps
+
+
+def append_zero(anchors: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Anchors followed by the segment end sigma = 0, so ``sigmas[i + 1]`` is always defined."""
+    a = torch.as_tensor(anchors, dtype=torch.float64)
+    return torch.cat([a, a.new_zeros(1)])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Forward process and steps
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """``x_t = (1 - s) x0 + s eps``."""
+    s = _per_sample(sigma, x0)
+    return (1 - s) * x0 + s * noise
+
+
+def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """``x0 = x_t - s v``."""
+    return x_t - _per_sample(sigma, x_t) * v
+
+
+def velocity_from_x0(x_t: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """Inverse of :func:`x0_from_velocity`: ``v = (x_t - x0) / s`` (s > 0)."""
+    return (x_t - x0) / _per_sample(sigma, x_t)
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, sigma_from: torch.Tensor | float,
+               sigma_to: torch.Tensor | float) -> torch.Tensor:
+    """Deterministic flow Euler step ``x + (s_to - s_from) v``."""
+    return x + (_per_sample(sigma_to, x) - _per_sample(sigma_from, x)) * v
+
+
+def renoise_step(x: torch.Tensor, v: torch.Tensor, sigma_from: torch.Tensor | float, sigma_to: torch.Tensor | float,
+                 noise: torch.Tensor) -> torch.Tensor:
+    """x0-predict then re-noise (DMD2 / LCM sampler): ``(1 - s_to) x0 + s_to eps'`` with fresh ``eps'``."""
+    return add_noise(x0_from_velocity(x, v, sigma_from), noise, sigma_to)
+
+
+def sample_noise(shape: Sequence[int], generator: Optional[torch.Generator], device=None,
+                 dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise drawn from ``generator``."""
+    return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+
+
+def backward_simulation(velocity_fn: VelocityFn, noise_fn: Callable[[], torch.Tensor], anchors: torch.Tensor,
+                        k: int) -> torch.Tensor:
+    """Roll the generator out through the first ``k`` anchors and return the sample at anchor ``k``.
+
+    Starts from pure noise, and for each anchor ``j < k`` predicts x0 and re-noises it to ``anchors[j + 1]``
+    with fresh noise. Makes exactly ``k`` calls of ``velocity_fn``; ``k = 0`` returns the first noise draw.
+    Call it under ``torch.no_grad()``.
+
+    Args:
+        velocity_fn: ``(x, sigma_per_sample) -> v``.
+        noise_fn: Returns a fresh noise tensor of the sample shape on each call.
+        anchors (Tensor): The generator's sigmas, ``anchors[0]`` is 1.
+        k (int): Target anchor index.
+    """
+    x = noise_fn()
+    batch = x.shape[0]
+    for j in range(k):
+        sigma_j = torch.full((batch,), float(anchors[j]), device=x.device, dtype=x.dtype)
+        x = renoise_step(x, velocity_fn(x, sigma_j), sigma_j, float(anchors[j + 1]), noise_fn())
+    return x
+
+
+def sample_logit_normal(n: int, generator: Optional[torch.Generator], mean: float = 0.0, std: float = 1.0,
+                        device=None) -> torch.Tensor:
+    """``sigmoid(N(mean, std))``: SD3's logit-normal timestep density, on [0, 1] (float64 on ``device``)."""
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses
+
+
+def dmd_gradient(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+    """DMD's normalised distribution-matching gradient ``(x0_fake - x0_real) / mean_CHW |x0 - x0_real|``.
+
+    The normaliser is per sample, over every non-batch dimension; NaNs (an all-zero normaliser) become 0.
+    """
+    dims = tuple(range(1, x0.ndim))
+    norm = (x0 - x0_real).abs().mean(dim=dims, keepdim=True)
+    return torch.nan_to_num((x0_fake - x0_real) / norm)
+
+
+def dmd_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+    """``0.5 * mean((x0 - sg(x0 - g))^2)``, whose gradient w.r.t. ``x0`` is ``g / numel``."""
+    grad = dmd_gradient(x0.detach(), x0_real, x0_fake)
+    return 0.5 * torch.nn.functional.mse_loss(x0.float(), (x0.detach() - grad).float())
+
+
+def charbonnier(pred: torch.Tensor, target: torch.Tensor, c: float = 1e-3) -> torch.Tensor:
+    """Pseudo-Huber ``mean(sqrt((pred - target)^2 + c^2) - c)``: zero when equal, L1-like far away."""
+    return (torch.sqrt((pred.float() - target.float())**2 + c * c) - c).mean()

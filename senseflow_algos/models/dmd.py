@@ -1,0 +1,295 @@
+"""DMD (distribution matching distillation, DMD2 flavour) as a Composer model.
+
+One training batch runs in phases driven by :class:`~senseflow_algos.optim.PhasedAdamW`:
+
+* ``generator`` (every ``gen_every`` batches): the generator takes one step with gradient at anchor ``k`` from a
+  backward-simulated or a forward-noised input, and the DMD loss pushes its x0 toward the teacher's and away from
+  the fake score's denoised estimate.
+* ``critic`` (every batch): the fake score learns the generator's current distribution by flow matching on the
+  detached sample (the one the generator phase produced, if there was one).
+
+Algorithms (IDA, ISG, the VFM discriminator) hook Composer events around these phases; they read
+``model.phase`` and the dict ``state.outputs`` this model returns.
+
+Randomness comes from ``torch.Generator`` streams seeded by ``(seed, rank, ttur_step, purpose)``; ``ttur_step``
+is a buffer, so a resumed run draws exactly the noise the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Any, Optional, Sequence
+
+import torch
+from composer.models import ComposerModel
+from composer.utils import dist
+
+from senseflow_algos import flow
+from senseflow_algos.models.families import Components, Conditioning, ModelFamily
+from senseflow_algos.optim import Phase
+
+__all__ = ['DMDModel', 'GENERATOR_PHASE', 'CRITIC_PHASE', 'sample_uniform']
+
+GENERATOR_PHASE = Phase('generator', ('generator',))
+CRITIC_PHASE = Phase('critic', ('fake_score', 'discriminator'))
+
+#: Batch keys that carry precomputed conditioning.
+CONDITIONING_KEYS = ('prompt_embeds', 'pooled_prompt_embeds', 'negative_prompt_embeds',
+                     'negative_pooled_prompt_embeds')
+
+
+def sample_uniform(bounds: Sequence[float], n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` draws from U(lo, hi) (float32, on the generator's device); ``lo == hi`` gives a constant."""
+    lo, hi = float(bounds[0]), float(bounds[1])
+    return lo + (hi - lo) * torch.rand(n, generator=generator, device=generator.device)
+
+
+def _stream_seed(*parts: Any) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, 'little') & ((1 << 63) - 1)
+
+
+class DMDModel(ComposerModel):
+    """Generator, fake score and frozen teacher, VAE and text encoders for DMD distillation.
+
+    Args:
+        family (ModelFamily): Teacher family (FLUX, SD 3.5, ...).
+        components (Components): Loaded networks. The generator is ``components.student``; the fake score is a
+            copy of it.
+        resolution (int): Square image side the model trains at (sets latent shape and FLUX's anchor shift).
+        gen_every (int): TTUR: the generator steps on every ``gen_every``-th batch, the fake score on every batch.
+            Default: ``5``.
+        backsim_prob (float): Probability that a batch's generator input is backward-simulated rather than real
+            latents noised to the anchor (always backward simulation when the batch has no images). Default: ``0.5``.
+        dmd_guidance (tuple[float, float]): Teacher guidance for the DMD real score, drawn per sample from
+            U(lo, hi): embedded guidance for FLUX (1, 8), CFG scale for SD 3.5 (Large 3..10, Medium 2..8).
+        seed (int): Seed of the noise streams. Default: ``0``.
+    """
+
+    FROZEN = ('teacher', 'vae', 'conditioner')
+
+    def __init__(self, family: ModelFamily, components: Components, resolution: int, gen_every: int = 5,
+                 backsim_prob: float = 0.5, dmd_guidance: Sequence[float] = (1.0, 8.0), seed: int = 0):
+        super().__init__()
+        if gen_every < 1:
+            raise ValueError(f'model.gen_every must be >= 1, got {gen_every}')
+        if not 0.0 <= backsim_prob <= 1.0:
+            raise ValueError(f'model.backsim_prob must be in [0, 1], got {backsim_prob}')
+        self.family = family
+        self.generator = components.student.train()
+        self.fake_score = copy.deepcopy(components.student).train()
+        self.teacher = components.teacher.requires_grad_(False).eval()
+        self.vae = components.vae.requires_grad_(False).eval()
+        self.conditioner = components.conditioner.requires_grad_(False).eval()
+        self.scheduler_config = components.scheduler_config
+        self.resolution = resolution
+        self.gen_every = gen_every
+        self.backsim_prob = backsim_prob
+        self.dmd_guidance = tuple(float(g) for g in dmd_guidance)
+        self.seed = seed
+        self.latent_shape = family.latent_shape(self.vae, resolution)
+        #: Generator sigmas (float64, CPU) followed by the end point 0.
+        self.sigmas = flow.append_zero(family.anchors(self.latent_shape[1:]))
+        self.num_anchors = len(self.sigmas) - 1
+        # Batches trained so far: drives the TTUR cadence and seeds the noise; checkpointed with the model.
+        self.register_buffer('ttur_step', torch.zeros((), dtype=torch.long))
+        self.phase: str = CRITIC_PHASE.name
+        self.generator_stepped = False
+        self._sample_cache: list[dict[str, Any]] = []
+        self._streams: dict[tuple[str, bool], torch.Generator] = {}
+        # Frozen networks are rebuilt from the teacher weights at start-up: keep them out of checkpoints.
+        self._register_state_dict_hook(_drop_frozen_keys)
+        self.register_load_state_dict_post_hook(_allow_missing_frozen_keys)
+
+    # -- Composer plumbing --------------------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True):
+        """Composer calls ``model.train()`` on every child; frozen networks stay in eval mode."""
+        super().train(mode)
+        for name in self.FROZEN:
+            getattr(self, name).eval()
+        return self
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Role-tagged parameter groups for :class:`~senseflow_algos.optim.PhasedAdamW`."""
+        return [
+            {'params': [p for p in self.generator.parameters() if p.requires_grad], 'role': 'generator'},
+            {'params': [p for p in self.fake_score.parameters() if p.requires_grad], 'role': 'fake_score'},
+        ]
+
+    @property
+    def device(self) -> torch.device:
+        return self.ttur_step.device
+
+    # -- phases (PhaseController) -------------------------------------------------------------------------------------
+
+    def is_generator_batch(self) -> bool:
+        """Whether the current batch has a generator phase (TTUR)."""
+        return int(self.ttur_step) % self.gen_every == 0
+
+    def training_phases(self) -> list[Phase]:
+        return [GENERATOR_PHASE, CRITIC_PHASE] if self.is_generator_batch() else [CRITIC_PHASE]
+
+    def begin_phase(self, phase: Phase) -> None:
+        self.phase = phase.name
+
+    def end_phase(self, phase: Phase) -> None:
+        if phase.name == GENERATOR_PHASE.name:
+            self.generator_stepped = True
+
+    def end_batch(self) -> None:
+        self.ttur_step += 1
+        self.phase = CRITIC_PHASE.name
+        self.generator_stepped = False
+        self._sample_cache.clear()
+        self._streams.clear()
+
+    # -- randomness ---------------------------------------------------------------------------------------------------
+
+    def rng(self, purpose: str, per_rank: bool = True) -> torch.Generator:
+        """The batch's random stream for ``purpose``, seeded by ``(seed, rank, ttur_step, purpose)``.
+
+        Each purpose (generator input, DMD noise, an algorithm's draws, ...) has its own stream, so enabling an
+        algorithm or reordering them never changes another component's noise. ``per_rank=False`` gives the same
+        draws on every rank (e.g. the backward-simulation anchor shared by the whole global batch).
+        """
+        key = (purpose, per_rank)
+        if key not in self._streams:
+            rank = dist.get_global_rank() if per_rank else -1
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(_stream_seed(self.seed, rank, int(self.ttur_step), purpose))
+            self._streams[key] = gen
+        return self._streams[key]
+
+    # -- data ---------------------------------------------------------------------------------------------------------
+
+    def conditioning(self, batch: dict[str, Any]) -> Conditioning:
+        """Precomputed embeddings from the batch if present, else the frozen text encoders on ``batch['prompt']``."""
+        if 'prompt_embeds' in batch:
+            return {k: batch[k] for k in CONDITIONING_KEYS if k in batch}
+        if 'prompt' not in batch:
+            raise KeyError(f"batch has neither 'prompt' nor precomputed 'prompt_embeds' (keys: {sorted(batch)})")
+        return self.conditioner(list(batch['prompt']))
+
+    def real_latents(self, batch: dict[str, Any]) -> Optional[torch.Tensor]:
+        """Latents of the batch's real images (precomputed ``latents`` or VAE-encoded ``image``), else ``None``."""
+        if 'latents' in batch:
+            return batch['latents'].float()
+        if 'image' in batch:
+            with torch.no_grad():
+                return self.family.encode_images(self.vae, batch['image'])
+        return None
+
+    @staticmethod
+    def batch_size(batch: dict[str, Any]) -> int:
+        for key in ('prompt_embeds', 'latents', 'image'):
+            if key in batch:
+                return batch[key].shape[0]
+        return len(batch['prompt'])
+
+    # -- generator ----------------------------------------------------------------------------------------------------
+
+    def generator_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.family.velocity(self.generator, x, sigma, cond)
+
+    def generator_pass(self, batch: dict[str, Any], with_grad: bool) -> dict[str, Any]:
+        """Pick the generator input (backward simulation or noised real latents) and take one generator step."""
+        cond = self.conditioning(batch)
+        real = self.real_latents(batch)
+        n = self.batch_size(batch)
+        shape = (n, *self.latent_shape)
+        shared, own = self.rng('generator_input', per_rank=False), self.rng('generator_input')
+
+        def noise():
+            return flow.sample_noise(shape, own, device=self.device)
+
+        backsim = real is None or torch.rand(1, generator=shared, device=shared.device).item() < self.backsim_prob
+        if backsim:
+            # One anchor for the whole (global) batch, as in DMD2.
+            k = int(torch.randint(self.num_anchors, (1,), generator=shared, device=shared.device))
+            with torch.no_grad():
+                x_t = flow.backward_simulation(lambda x, s: self.generator_velocity(x, s, cond), noise,
+                                               self.sigmas, k)
+            index = torch.full((n,), k, dtype=torch.long, device=self.device)
+        else:
+            index = torch.randint(self.num_anchors, (n,), generator=own, device=self.device)
+            x_t = flow.add_noise(real, noise(), self.sigmas.to(self.device)[index].float())
+        sigma = self.sigmas.to(self.device)[index].float()
+        with torch.set_grad_enabled(with_grad):
+            v = self.generator_velocity(x_t, sigma, cond)
+            x0 = flow.x0_from_velocity(x_t, v, sigma)
+        return {
+            'phase': GENERATOR_PHASE.name if with_grad else CRITIC_PHASE.name,
+            'x_t': x_t,
+            'sigma': sigma,
+            'sigma_next': self.sigmas.to(self.device)[index + 1].float(),
+            'anchor_index': index,
+            'velocity': v,
+            'x0': x0,
+            'cond': cond,
+            'backward_simulation': backsim,
+        }
+
+    # -- ComposerModel ------------------------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.phase == GENERATOR_PHASE.name:
+            out = self.generator_pass(batch, with_grad=True)
+            self._sample_cache.append(out)
+            return out
+        if self._sample_cache:
+            # The critic learns from the sample of this iteration's generator phase (pre-update generator).
+            gen_out = self._sample_cache.pop(0)
+            out = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in gen_out.items()}
+            out['phase'] = CRITIC_PHASE.name
+            return out
+        return self.generator_pass(batch, with_grad=False)
+
+    def loss(self, outputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if outputs['phase'] == GENERATOR_PHASE.name:
+            dmd = self.dmd_loss(outputs['x0'], outputs['cond'])
+            return {'total': dmd, 'generator/dmd': dmd}
+        fake = self.fake_score_loss(outputs['x0'], outputs['cond'])
+        return {'total': fake, 'fake_score/flow_matching': fake}
+
+    def dmd_loss(self, x0: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """DMD loss: noise x0 to a fresh sigma; teacher (guided) and fake score (unguided) denoise it."""
+        gen = self.rng('dmd')
+        n = x0.shape[0]
+        sigma = self.family.dmd_sigma(n, gen, device=self.device).float()
+        with torch.no_grad():
+            x_t = flow.add_noise(x0.detach(), flow.sample_noise(x0.shape, gen, device=self.device), sigma)
+            guidance = sample_uniform(self.dmd_guidance, n, gen)
+            x0_real = flow.x0_from_velocity(x_t, self.family.velocity(self.teacher, x_t, sigma, cond, guidance), sigma)
+            x0_fake = flow.x0_from_velocity(x_t, self.family.velocity(self.fake_score, x_t, sigma, cond), sigma)
+        return flow.dmd_loss(x0, x0_real, x0_fake)
+
+    def fake_score_loss(self, x0: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Flow matching of the fake score on the detached generator sample (logit-normal sigma, weight 1)."""
+        gen = self.rng('fake_score')
+        x0 = x0.detach()
+        sigma = self.family.fake_sigma(x0.shape[0], gen, device=self.device).float()
+        noise = flow.sample_noise(x0.shape, gen, device=self.device)
+        v = self.family.velocity(self.fake_score, flow.add_noise(x0, noise, sigma), sigma, cond)
+        return torch.nn.functional.mse_loss(v, noise - x0)
+
+    def eval_forward(self, batch, outputs=None):
+        return outputs if outputs is not None else self.generator_pass(batch, with_grad=False)
+
+    def get_metrics(self, is_train: bool = False):
+        return {}
+
+
+def _frozen(key: str, prefix: str = '') -> bool:
+    return any(key.startswith(f'{prefix}{name}.') for name in DMDModel.FROZEN)
+
+
+def _drop_frozen_keys(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if _frozen(k, prefix)]:
+        del state_dict[key]
+
+
+def _allow_missing_frozen_keys(module, incompatible_keys):
+    for key in [k for k in incompatible_keys.missing_keys if _frozen(k)]:
+        incompatible_keys.missing_keys.remove(key)

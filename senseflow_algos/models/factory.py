@@ -1,0 +1,48 @@
+"""Model factory: the ``model:`` section of a run YAML -> :class:`DMDModel`."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+from senseflow_algos.models.dmd import DMDModel
+from senseflow_algos.models.families import get_family
+
+__all__ = ['build_dmd_model', 'DTYPES']
+
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = None, tiny: bool = False,
+                    revision: Optional[str] = None, dtype: str = 'fp32', teacher_dtype: Optional[str] = None,
+                    gen_every: int = 5, backsim_prob: float = 0.5, dmd_guidance: Sequence[float] = (1.0, 8.0),
+                    family_kwargs: Optional[dict[str, Any]] = None, seed: int = 0) -> DMDModel:
+    """Build a DMD model for a teacher family.
+
+    Args:
+        family (str): ``flux`` or ``sd35``.
+        resolution (int): Training image side.
+        pretrained (str, optional): Hub id or local diffusers pipeline folder of the teacher.
+        tiny (bool): Build random-weight tiny components of the same classes instead (CPU tests, demos).
+        revision (str, optional): Hub revision.
+        dtype (str): Dtype of generator, fake score, VAE and text encoders (``fp32``, ``bf16``, ``fp16``).
+            Default: ``fp32`` (Composer's ``amp_bf16`` autocasts the compute).
+        teacher_dtype (str, optional): Dtype of the frozen teacher. Default: same as ``dtype``.
+        gen_every, backsim_prob, dmd_guidance, seed: See :class:`DMDModel`.
+        family_kwargs (dict, optional): Extra arguments of the family class (e.g. SD 3.5's ``shift``).
+    """
+    fam = get_family(family, **(family_kwargs or {}))
+    if tiny:
+        components = fam.tiny_components(seed=seed)
+    elif pretrained:
+        for key, value in (('model.dtype', dtype), ('model.teacher_dtype', teacher_dtype)):
+            if value is not None and value not in DTYPES:
+                raise ValueError(f'{key}={value!r} is not one of {sorted(DTYPES)}')
+        components = fam.load_components(pretrained, torch_dtype=DTYPES[dtype],
+                                         teacher_dtype=DTYPES[teacher_dtype] if teacher_dtype else None,
+                                         revision=revision)
+    else:
+        raise ValueError('set model.pretrained (hub id or local diffusers folder) or model.tiny=true')
+    return DMDModel(fam, components, resolution=resolution, gen_every=gen_every, backsim_prob=backsim_prob,
+                    dmd_guidance=dmd_guidance, seed=seed)

@@ -1,0 +1,153 @@
+"""The small interface every teacher family implements (FLUX, SD 3.5, ...).
+
+A family knows how to load its diffusers components, how its prompts become conditioning tensors, how to
+query one of its networks for a velocity at ``(x_t, sigma)`` (with or without teacher guidance), its four
+anchors, how its 0..1000 timestep indices map to sigma, and how latents go to and from pixels. Everything
+else (DMD, ISG, backward simulation, samplers) is family-agnostic and works on unpacked ``(B, C, h, w)``
+latents with the helpers in :mod:`senseflow_algos.flow`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ['Components', 'ModelFamily', 'Conditioning', 'UNIFORM_ANCHORS']
+
+#: The four generator timesteps before each family's shift.
+UNIFORM_ANCHORS = (1.0, 0.75, 0.5, 0.25)
+
+#: Conditioning tensors by name, e.g. ``prompt_embeds`` and ``pooled_prompt_embeds``.
+Conditioning = dict[str, torch.Tensor]
+
+
+@dataclass
+class Components:
+    """Everything a DMD run builds from one teacher.
+
+    Attributes:
+        teacher: The frozen teacher network (FLUX keeps its guidance embedding).
+        student: The network generator and fake score are copied from (FLUX: without guidance embedding).
+        vae: The frozen autoencoder.
+        conditioner: Frozen text encoders and tokenizers as one module: ``conditioner(prompts) -> Conditioning``.
+        scheduler_config: The teacher scheduler's config (for export).
+    """
+    teacher: nn.Module
+    student: nn.Module
+    vae: nn.Module
+    conditioner: nn.Module
+    scheduler_config: dict
+
+
+class ModelFamily(abc.ABC):
+    """Family-specific behaviour. Subclasses are stateless apart from their config.
+
+    Args:
+        teacher_guidance_embedded (bool): The teacher takes guidance through an embedding (FLUX-dev), not CFG.
+    """
+
+    #: Registry name used in YAML (``model.family``).
+    name: str = ''
+    #: Margin (in 0..1000 index units) that ISG keeps from both ends of a segment.
+    isg_margin: int = 20
+
+    # -- loading ------------------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def load_components(self, pretrained: str, torch_dtype: torch.dtype = torch.float32,
+                        teacher_dtype: Optional[torch.dtype] = None, revision: Optional[str] = None) -> Components:
+        """Load every component with ``from_pretrained`` from a hub id or a local diffusers folder."""
+
+    @abc.abstractmethod
+    def tiny_components(self, seed: int = 0) -> Components:
+        """Random-weight tiny components of the same classes, for CPU tests and demos."""
+
+    # -- schedule -----------------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def anchors(self, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """The 4 generator sigmas (float64, descending, first is 1) for latents of spatial size ``latent_hw``."""
+
+    @abc.abstractmethod
+    def index_to_sigma(self, index: torch.Tensor | int) -> torch.Tensor:
+        """Map a 0..1000 timestep index to sigma the way this family's scheduler does."""
+
+    @abc.abstractmethod
+    def sigma_to_index(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """Inverse of :meth:`index_to_sigma`, rounded to the integer grid (sigma 0 maps to index 0)."""
+
+    @abc.abstractmethod
+    def dmd_sigma(self, n: int, generator: torch.Generator, device=None) -> torch.Tensor:
+        """Sigmas at which the DMD loss compares teacher and fake score."""
+
+    @abc.abstractmethod
+    def fake_sigma(self, n: int, generator: torch.Generator, device=None) -> torch.Tensor:
+        """Sigmas for the fake score's flow-matching loss (logit-normal, family-shifted)."""
+
+    def adversarial_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Per-anchor GAN weight ``(1 - sigma)^2`` (signal power): GAN matters near the clean end."""
+        return (1 - sigma)**2
+
+    # -- networks -----------------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def velocity(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
+                 guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Velocity of ``net`` at ``(x, sigma)`` in float32, ``x`` unpacked ``(B, C, h, w)``, ``sigma`` ``(B,)``.
+
+        Args:
+            guidance: Per-sample teacher guidance ``(B,)``: the embedded guidance value (FLUX) or the CFG scale
+                (SD 3.5, using ``cond['negative_*']`` as the unconditional branch). ``None`` queries the network
+                plainly, as for the generator and the fake score.
+        """
+
+    @abc.abstractmethod
+    def latent_shape(self, vae: nn.Module, resolution: int) -> tuple[int, int, int]:
+        """``(C, h, w)`` of the latents of a square image of side ``resolution``."""
+
+    def encode_images(self, vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] to normalised latents ``(z - shift) * scale`` (posterior mean)."""
+        vae_dtype = next(vae.parameters()).dtype
+        z = vae.encode(pixels.to(vae_dtype)).latent_dist.mode()
+        return ((z.float() - self._shift(vae)) * vae.config.scaling_factor)
+
+    def decode_latents(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents to pixels in about [-1, 1] (differentiable)."""
+        vae_dtype = next(vae.parameters()).dtype
+        z = latents / vae.config.scaling_factor + self._shift(vae)
+        return vae.decode(z.to(vae_dtype)).sample.float()
+
+    @staticmethod
+    def _shift(vae: nn.Module) -> float:
+        return float(getattr(vae.config, 'shift_factor', None) or 0.0)
+
+    # -- helpers shared by families -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _as_sigma(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0]).to(torch.float32)
+
+    def isg_mid_sigma(self, sigma_cur: torch.Tensor, sigma_next: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A random intermediate sigma inside each segment, uniform on the integer index grid.
+
+        Draws ``t_mid`` uniformly in ``[t_next + m, t_cur - m]`` (``m`` = :attr:`isg_margin`), per sample, and maps
+        it to sigma with :meth:`index_to_sigma`.
+        """
+        lo = self.sigma_to_index(sigma_next) + self.isg_margin
+        hi = self.sigma_to_index(sigma_cur) - self.isg_margin
+        if (hi < lo).any():
+            raise ValueError(f'ISG margin {self.isg_margin} leaves no room inside a segment '
+                             f'(index ranges {lo.tolist()}..{hi.tolist()})')
+        u = torch.rand(lo.shape, generator=generator, dtype=torch.float64, device=generator.device).to(lo.device)
+        t_mid = lo + torch.floor(u * (hi - lo + 1))
+        return self.index_to_sigma(t_mid)
+
+
+def shifted_anchors(shift_fn, base: Sequence[float] = UNIFORM_ANCHORS) -> torch.Tensor:
+    """Apply a family's time shift to the uniform anchors."""
+    return shift_fn(torch.tensor(base, dtype=torch.float64))
+

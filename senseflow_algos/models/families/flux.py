@@ -1,0 +1,191 @@
+"""FLUX.1 (dev): guidance-distilled teacher queried with its guidance embedding; 2x2-packed latents."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from senseflow_algos import flow
+from senseflow_algos.models.families.base import Components, Conditioning, ModelFamily, shifted_anchors
+
+__all__ = ['FluxFamily', 'FluxConditioner', 'without_guidance_embedding', 'pack_latents', 'unpack_latents']
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w)`` -> ``(B, h/2 * w/2, 4C)``: FLUX's 2x2 patch tokens."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, channels: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents`."""
+    b = tokens.shape[0]
+    x = tokens.view(b, h // 2, w // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels, h, w)
+
+
+def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    """Positional ids ``(h/2 * w/2, 3)`` of packed latent tokens: ``(0, row, col)``."""
+    rows = torch.arange(h // 2, device=device, dtype=dtype)[:, None].expand(h // 2, w // 2)
+    cols = torch.arange(w // 2, device=device, dtype=dtype)[None, :].expand(h // 2, w // 2)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+
+
+def without_guidance_embedding(teacher: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """A copy of a FLUX transformer whose config has ``guidance_embeds=False``, the guidance MLP dropped.
+
+    Built on the meta device and filled with copies of the teacher's tensors, so a 12B model is never
+    initialised twice.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    config = dict(teacher.config)
+    config['guidance_embeds'] = False
+    with torch.device('meta'):
+        student = FluxTransformer2DModel.from_config(config)
+    state = {
+        k: v.detach().to(dtype or v.dtype, copy=True)
+        for k, v in teacher.state_dict().items()
+        if '.guidance_embedder.' not in k
+    }
+    student.load_state_dict(state, strict=True, assign=True)
+    return student.train()
+
+
+class FluxConditioner(nn.Module):
+    """Frozen CLIP (pooled) + T5 (sequence) prompt encoder, through ``FluxPipeline.encode_prompt``.
+
+    Args:
+        text_encoder: CLIP text model. tokenizer: its tokenizer.
+        text_encoder_2: T5 encoder. tokenizer_2: its tokenizer.
+        max_sequence_length (int): T5 tokens (512 for FLUX.1-dev). Default: ``512``.
+    """
+
+    def __init__(self, text_encoder, tokenizer, text_encoder_2, tokenizer_2, max_sequence_length: int = 512):
+        super().__init__()
+        self.text_encoder = text_encoder.requires_grad_(False)
+        self.text_encoder_2 = text_encoder_2.requires_grad_(False)
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.max_sequence_length = max_sequence_length
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> Conditioning:
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                            text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2, transformer=None)
+        device = next(self.text_encoder.parameters()).device
+        embeds, pooled, _ = pipe.encode_prompt(list(prompts), device=device,
+                                               max_sequence_length=self.max_sequence_length)
+        return {'prompt_embeds': embeds, 'pooled_prompt_embeds': pooled}
+
+
+class FluxFamily(ModelFamily):
+    """FLUX.1: anchors are the uniform anchors under FLUX's resolution-dependent time shift.
+
+    Args:
+        base_seq_len, max_seq_len, base_shift, max_shift: FLUX's scheduler shift parameters
+            (FLUX.1-dev: 256, 4096, 0.5, 1.15). At 1024x1024 they give anchors {1, .904, .759, .512}.
+        max_sequence_length (int): T5 prompt tokens. Default: ``512``.
+    """
+
+    name = 'flux'
+    isg_margin = 20
+
+    def __init__(self, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                 max_shift: float = 1.15, max_sequence_length: int = 512):
+        self.shift_params = dict(base_seq_len=base_seq_len, max_seq_len=max_seq_len, base_shift=base_shift,
+                                 max_shift=max_shift)
+        self.max_sequence_length = max_sequence_length
+
+    # -- loading ------------------------------------------------------------------------------------------------------
+
+    def load_components(self, pretrained, torch_dtype=torch.float32, teacher_dtype=None, revision=None):
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        kw = dict(revision=revision)
+        teacher = FluxTransformer2DModel.from_pretrained(pretrained, subfolder='transformer',
+                                                         torch_dtype=teacher_dtype or torch_dtype, **kw)
+        if not teacher.config.guidance_embeds:
+            raise ValueError(f"model.pretrained={pretrained!r}: the FLUX teacher has no guidance embedding "
+                             '(guidance_embeds=false); a guidance-distilled FLUX.1-dev teacher is expected.')
+        conditioner = FluxConditioner(
+            CLIPTextModel.from_pretrained(pretrained, subfolder='text_encoder', torch_dtype=torch_dtype, **kw),
+            AutoTokenizer.from_pretrained(pretrained, subfolder='tokenizer', **kw),
+            T5EncoderModel.from_pretrained(pretrained, subfolder='text_encoder_2', torch_dtype=torch_dtype, **kw),
+            AutoTokenizer.from_pretrained(pretrained, subfolder='tokenizer_2', **kw),
+            max_sequence_length=self.max_sequence_length)
+        return Components(
+            teacher=teacher,
+            student=without_guidance_embedding(teacher, torch_dtype),
+            vae=AutoencoderKL.from_pretrained(pretrained, subfolder='vae', torch_dtype=torch_dtype, **kw),
+            conditioner=conditioner,
+            scheduler_config=dict(FlowMatchEulerDiscreteScheduler.load_config(pretrained, subfolder='scheduler',
+                                                                              **kw)),
+        )
+
+    def tiny_components(self, seed=0):
+        from senseflow_algos.models.tiny import build_tiny_flux_pipeline
+
+        pipe = build_tiny_flux_pipeline(seed=seed)
+        return Components(
+            teacher=pipe.transformer,
+            student=without_guidance_embedding(pipe.transformer),
+            vae=pipe.vae,
+            conditioner=FluxConditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
+                                        max_sequence_length=pipe.tokenizer_2.model_max_length),
+            scheduler_config=dict(pipe.scheduler.config),
+        )
+
+    # -- schedule -----------------------------------------------------------------------------------------------------
+
+    def anchors(self, latent_hw):
+        tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2)
+        mu = flow.flux_mu(tokens, **self.shift_params)
+        return shifted_anchors(lambda s: flow.flux_time_shift(s, mu))
+
+    def index_to_sigma(self, index):
+        return flow.flux_index_to_sigma(index)
+
+    def sigma_to_index(self, sigma):
+        return torch.round(torch.as_tensor(sigma, dtype=torch.float64) * 1000)
+
+    def dmd_sigma(self, n, generator, device=None):
+        # FLUX's scheduler holds unshifted sigmas at init, so the reference samples a plain logit-normal.
+        return flow.sample_logit_normal(n, generator, device=device)
+
+    def fake_sigma(self, n, generator, device=None):
+        return flow.sample_logit_normal(n, generator, device=device)
+
+    # -- networks -----------------------------------------------------------------------------------------------------
+
+    def velocity(self, net, x, sigma, cond, guidance=None):
+        b, c, h, w = x.shape
+        dtype = next(net.parameters()).dtype
+        embeds = cond['prompt_embeds']
+        has_guidance = bool(net.config.guidance_embeds)
+        if has_guidance and guidance is None:
+            raise ValueError('this FLUX network has a guidance embedding: pass guidance (teacher queries)')
+        if guidance is not None and not has_guidance:
+            raise ValueError('guidance given to a FLUX network without guidance embedding (generator / fake score)')
+        out = net(
+            hidden_states=pack_latents(x).to(dtype),
+            encoder_hidden_states=embeds.to(dtype),
+            pooled_projections=cond['pooled_prompt_embeds'].to(dtype),
+            timestep=self._as_sigma(sigma, x).to(dtype),
+            img_ids=image_ids(h, w, x.device, dtype),
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device, dtype=dtype),
+            guidance=None if guidance is None else guidance.to(device=x.device, dtype=dtype),
+            return_dict=False,
+        )[0]
+        return unpack_latents(out.float(), c, h, w)
+
+    def latent_shape(self, vae, resolution):
+        factor = 2**(len(vae.config.block_out_channels) - 1)
+        side = 2 * (resolution // (factor * 2))
+        return (vae.config.latent_channels, side, side)
+

@@ -1,0 +1,159 @@
+"""Stable Diffusion 3.5 (Large / Medium): CFG teacher with an empty-prompt unconditional branch, shift-3 schedule."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from senseflow_algos import flow
+from senseflow_algos.models.families.base import Components, Conditioning, ModelFamily, shifted_anchors
+
+__all__ = ['SD3Family', 'SD3Conditioner']
+
+
+class SD3Conditioner(torch.nn.Module):
+    """Frozen CLIP-L + CLIP-G + T5 prompt encoder through ``StableDiffusion3Pipeline.encode_prompt``.
+
+    Also returns the empty-prompt embeddings (``negative_*``) that the CFG teacher uses as its unconditional branch.
+
+    Args:
+        text_encoder, text_encoder_2, text_encoder_3: CLIP-L, CLIP-G (with projection) and T5.
+        tokenizer, tokenizer_2, tokenizer_3: their tokenizers.
+        max_sequence_length (int): T5 tokens. Default: ``256``.
+    """
+
+    def __init__(self, text_encoder, tokenizer, text_encoder_2, tokenizer_2, text_encoder_3, tokenizer_3,
+                 max_sequence_length: int = 256):
+        super().__init__()
+        self.text_encoder = text_encoder.requires_grad_(False)
+        self.text_encoder_2 = text_encoder_2.requires_grad_(False)
+        self.text_encoder_3 = text_encoder_3.requires_grad_(False)
+        self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizer, tokenizer_2, tokenizer_3
+        self.max_sequence_length = max_sequence_length
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> Conditioning:
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline(
+            transformer=None, scheduler=None, vae=None, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+            text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2, text_encoder_3=self.text_encoder_3,
+            tokenizer_3=self.tokenizer_3)
+        prompts = list(prompts)
+        device = next(self.text_encoder.parameters()).device
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompts, prompts, prompts, device=device, do_classifier_free_guidance=True, negative_prompt='',
+            max_sequence_length=self.max_sequence_length)
+        return {'prompt_embeds': embeds, 'pooled_prompt_embeds': pooled, 'negative_prompt_embeds': neg,
+                'negative_pooled_prompt_embeds': neg_pooled}
+
+
+class SD3Family(ModelFamily):
+    """SD 3.5: anchors ``shift3({1, .75, .5, .25}) = {1, .9, .75, .5}``; index ``i`` maps to ``shift3((i+1)/1000)``.
+
+    Args:
+        shift (float): Static time shift of the scheduler. Default: ``3.0``.
+        dmd_index_range (tuple[int, int]): DMD compares teacher and fake score at an index drawn uniformly
+            from this range (inclusive), mapped to sigma. Default: ``(20, 980)``.
+        max_sequence_length (int): T5 prompt tokens. Default: ``256``.
+    """
+
+    name = 'sd35'
+    isg_margin = 50
+
+    def __init__(self, shift: float = 3.0, dmd_index_range: tuple[int, int] = (20, 980), max_sequence_length: int = 256):
+        self.shift = shift
+        self.dmd_index_range = tuple(dmd_index_range)
+        self.max_sequence_length = max_sequence_length
+
+    # -- loading ------------------------------------------------------------------------------------------------------
+
+    def load_components(self, pretrained, torch_dtype=torch.float32, teacher_dtype=None, revision=None):
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+        kw = dict(revision=revision)
+        teacher = SD3Transformer2DModel.from_pretrained(pretrained, subfolder='transformer',
+                                                        torch_dtype=teacher_dtype or torch_dtype, **kw)
+        student = copy.deepcopy(teacher).to(torch_dtype)
+
+        def clip(sub):
+            return CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder=sub, torch_dtype=torch_dtype, **kw)
+
+        conditioner = SD3Conditioner(
+            clip('text_encoder'), AutoTokenizer.from_pretrained(pretrained, subfolder='tokenizer', **kw),
+            clip('text_encoder_2'), AutoTokenizer.from_pretrained(pretrained, subfolder='tokenizer_2', **kw),
+            T5EncoderModel.from_pretrained(pretrained, subfolder='text_encoder_3', torch_dtype=torch_dtype, **kw),
+            AutoTokenizer.from_pretrained(pretrained, subfolder='tokenizer_3', **kw),
+            max_sequence_length=self.max_sequence_length)
+        return Components(
+            teacher=teacher,
+            student=student,
+            vae=AutoencoderKL.from_pretrained(pretrained, subfolder='vae', torch_dtype=torch_dtype, **kw),
+            conditioner=conditioner,
+            scheduler_config=dict(FlowMatchEulerDiscreteScheduler.load_config(pretrained, subfolder='scheduler',
+                                                                              **kw)),
+        )
+
+    def tiny_components(self, seed=0):
+        from senseflow_algos.models.tiny import build_tiny_sd3_pipeline
+
+        pipe = build_tiny_sd3_pipeline(seed=seed)
+        return Components(
+            teacher=pipe.transformer,
+            student=copy.deepcopy(pipe.transformer),
+            vae=pipe.vae,
+            conditioner=SD3Conditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
+                                       pipe.text_encoder_3, pipe.tokenizer_3,
+                                       max_sequence_length=pipe.tokenizer_3.model_max_length),
+            scheduler_config=dict(pipe.scheduler.config),
+        )
+
+    # -- schedule -----------------------------------------------------------------------------------------------------
+
+    def anchors(self, latent_hw):
+        return shifted_anchors(lambda s: flow.shift_sigma(s, self.shift))
+
+    def index_to_sigma(self, index):
+        return flow.sd3_index_to_sigma(index, self.shift)
+
+    def sigma_to_index(self, sigma):
+        s = torch.as_tensor(sigma, dtype=torch.float64)
+        unshifted = s / (self.shift - (self.shift - 1) * s)
+        return torch.round(unshifted * 1000 - 1).clamp_min(0)
+
+    def dmd_sigma(self, n, generator, device=None):
+        lo, hi = self.dmd_index_range
+        idx = torch.randint(lo, hi + 1, (n,), generator=generator, device=device)
+        return self.index_to_sigma(idx)
+
+    def fake_sigma(self, n, generator, device=None):
+        return flow.shift_sigma(flow.sample_logit_normal(n, generator, device=device), self.shift)
+
+    # -- networks -----------------------------------------------------------------------------------------------------
+
+    def velocity(self, net, x, sigma, cond, guidance=None):
+        dtype = next(net.parameters()).dtype
+        timestep = self._as_sigma(sigma, x) * 1000
+        if guidance is None:
+            return self._call(net, x, timestep, cond['prompt_embeds'], cond['pooled_prompt_embeds'], dtype)
+        if 'negative_prompt_embeds' not in cond:
+            raise KeyError('CFG teacher query needs negative_prompt_embeds / negative_pooled_prompt_embeds '
+                           '(empty-prompt embeddings) in the conditioning')
+        # One batched call for the unconditional and the conditional branch.
+        v_uncond, v_cond = self._call(
+            net, torch.cat([x, x]), torch.cat([timestep, timestep]),
+            torch.cat([cond['negative_prompt_embeds'], cond['prompt_embeds']]),
+            torch.cat([cond['negative_pooled_prompt_embeds'], cond['pooled_prompt_embeds']]), dtype).chunk(2)
+        w = guidance.to(device=x.device, dtype=torch.float32).reshape(-1, 1, 1, 1)
+        return v_uncond + w * (v_cond - v_uncond)
+
+    @staticmethod
+    def _call(net, x, timestep, embeds, pooled, dtype):
+        return net(hidden_states=x.to(dtype), timestep=timestep.to(dtype), encoder_hidden_states=embeds.to(dtype),
+                   pooled_projections=pooled.to(dtype), return_dict=False)[0].float()
+
+    def latent_shape(self, vae, resolution):
+        factor = 2**(len(vae.config.block_out_channels) - 1)
+        return (vae.config.latent_channels, resolution // factor, resolution // factor)

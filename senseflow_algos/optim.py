@@ -1,0 +1,109 @@
+"""One Composer optimizer for all trainable networks: AdamW over role-tagged groups, stepped in phases.
+
+Composer accepts exactly one optimizer. DMD trains a generator and a fake score (and, with the VFM
+discriminator, discriminator heads) on different cadences (TTUR). ``PhasedAdamW`` keeps them all in one
+``torch.optim.AdamW`` whose param groups carry a ``role`` tag, so every Adam moment lands in Composer's
+checkpoint and FSDP's param-group rebuild keeps the tags. Its ``step(closure)`` asks a *phase controller*
+(the :class:`~senseflow_algos.models.DMDModel`) which phases this batch has, and for each phase runs
+Composer's closure (zero-grad, forward, loss, backward), keeps only the gradients of that phase's roles,
+clips them per role and steps.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, NamedTuple, Optional, Protocol, Sequence
+
+import torch
+
+__all__ = ['Phase', 'PhaseController', 'PhasedAdamW', 'ROLES']
+
+#: Roles a param group may carry.
+ROLES = ('generator', 'fake_score', 'discriminator')
+
+
+class Phase(NamedTuple):
+    """One closure pass of a training batch and the param-group roles it updates."""
+    name: str
+    roles: tuple[str, ...]
+
+
+class PhaseController(Protocol):
+    """What :class:`PhasedAdamW` needs from the model."""
+
+    def training_phases(self) -> Sequence[Phase]:
+        """Phases of the current batch, in order."""
+        ...
+
+    def begin_phase(self, phase: Phase) -> None:
+        """Called before the closure of ``phase`` runs."""
+        ...
+
+    def end_phase(self, phase: Phase) -> None:
+        """Called after the optimizer step of ``phase``."""
+        ...
+
+    def end_batch(self) -> None:
+        """Called once all phases of the batch are stepped."""
+        ...
+
+
+class PhasedAdamW(torch.optim.AdamW):
+    """AdamW whose ``step(closure)`` runs one closure and one update per training phase.
+
+    Args:
+        params (Iterable[dict]): Param groups, each with a ``role`` key from :data:`ROLES`
+            (and optionally its own ``lr``, ``weight_decay``, ...).
+        controller (PhaseController): Decides the phases of each batch (usually the DMD model).
+        max_grad_norm (float, optional): If set, gradients are clipped to this norm per role, as each
+            network had its own optimizer in the reference trainer. Default: ``None``.
+        **adamw_kwargs: ``lr``, ``betas``, ``eps``, ``weight_decay``, ... for :class:`torch.optim.AdamW`.
+    """
+
+    def __init__(self, params: Iterable[dict], controller: PhaseController, max_grad_norm: Optional[float] = None,
+                 **adamw_kwargs):
+        groups = list(params)
+        for group in groups:
+            if group.get('role') not in ROLES:
+                raise ValueError(f"every param group needs a 'role' in {ROLES}, got {group.get('role')!r}")
+        super().__init__(groups, **adamw_kwargs)
+        self.controller = controller
+        self.max_grad_norm = max_grad_norm
+
+    def params_of(self, roles: Iterable[str]) -> list[torch.nn.Parameter]:
+        """All parameters in groups whose role is in ``roles``."""
+        wanted = set(roles)
+        return [p for g in self.param_groups if g['role'] in wanted for p in g['params']]
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):  # type: ignore[override]
+        """Run every phase of the batch: closure (forward + backward), then an update of that phase's roles.
+
+        Args:
+            closure: Composer's training closure. Required: use precision ``fp32`` or ``amp_bf16``.
+
+        Returns:
+            The last phase's loss, as the closure returned it.
+        """
+        if closure is None:
+            raise RuntimeError('PhasedAdamW needs the Composer training closure; use precision fp32 or amp_bf16 '
+                               '(amp_fp16 steps without a closure).')
+        loss = None
+        for phase in self.controller.training_phases():
+            self.controller.begin_phase(phase)
+            with torch.enable_grad():
+                loss = closure()
+            # Terms of this phase's loss may also reach other roles (e.g. the generator's adversarial term
+            # back-propagates into the discriminator heads); those gradients are not this phase's to apply.
+            for group in self.param_groups:
+                if group['role'] not in phase.roles:
+                    for p in group['params']:
+                        p.grad = None
+            if self.max_grad_norm is not None:
+                for role in phase.roles:
+                    grads = [p for p in self.params_of([role]) if p.grad is not None]
+                    if grads:
+                        torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
+            super().step()
+            self.controller.end_phase(phase)
+        self.controller.end_batch()
+        return loss
