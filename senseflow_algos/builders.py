@@ -14,6 +14,8 @@ from composer.optim import (ConstantScheduler, ConstantWithWarmupScheduler, Cosi
 from composer.utils import dist
 from torch.utils.data import DataLoader
 
+from senseflow_algos.algorithms.ida import ImplicitDistributionAlignment
+from senseflow_algos.algorithms.isg import IntraSegmentGuidance
 from senseflow_algos.data import build_synthetic_dataloader
 from senseflow_algos.models.dmd import DMDModel
 from senseflow_algos.models.factory import build_dmd_model
@@ -25,7 +27,10 @@ __all__ = [
 ]
 
 #: ``algorithms:`` YAML key -> Algorithm class (kwargs from YAML).
-ALGORITHMS: dict[str, Callable[..., Algorithm]] = {}
+ALGORITHMS: dict[str, Callable[..., Algorithm]] = {
+    'ida': ImplicitDistributionAlignment,
+    'isg': IntraSegmentGuidance,
+}
 
 #: ``callbacks:`` YAML key -> Callback class (kwargs from YAML).
 CALLBACKS: dict[str, Callable[..., Callback]] = {
@@ -82,6 +87,8 @@ def build_scheduler(scheduler_cfg: dict[str, Any] | None):
 def _instantiate_named(section: dict[str, Any] | None, registry: dict[str, Callable], what: str) -> list:
     out = []
     for name, kwargs in (section or {}).items():
+        if kwargs is None and what == 'algorithms':
+            continue  # `name: null` switches an algorithm off (ablations)
         if name not in registry:
             raise ValueError(f'{what}.{name} is not known; choose from {sorted(registry)}')
         out.append(registry[name](**(kwargs or {})))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yamale
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -23,26 +24,39 @@ class ConfigError(ValueError):
     """A run configuration that cannot be used; the message names the file and the offending keys."""
 
 
+def _load_with_base(path: Path, seen: tuple[Path, ...] = ()):
+    """Load ``path``; a top-level ``base: other.yaml`` (relative to ``path``) is loaded first and merged under it."""
+    if not path.is_file():
+        raise ConfigError(f'config file not found: {path}' + (f' (base of {seen[-1]})' if seen else ''))
+    if path.resolve() in seen:
+        raise ConfigError(f'config base cycle: {" -> ".join(str(p) for p in (*seen, path))}')
+    cfg = OmegaConf.load(path)
+    base = cfg.pop('base', None)
+    if base is None:
+        return cfg
+    return OmegaConf.merge(_load_with_base(path.parent / str(base), (*seen, path.resolve())), cfg)
+
+
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Load a YAML run config and apply ``dotted.key=value`` overrides.
 
+    A config may start from another one with a top-level ``base: <path relative to this file>``; its keys are
+    deep-merged over the base's. An algorithm entry set to ``null`` is off (that is how ablations drop one).
+
     Args:
         path: The YAML file.
-        overrides: Command-line overrides such as ``trainer.save_folder=/tmp/run``.
+        overrides: Command-line overrides such as ``trainer.save_folder=/tmp/run`` or ``algorithms.isg=null``.
 
     Returns:
         The resolved config as plain Python containers.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f'config file not found: {path}')
     bad = [o for o in overrides if '=' not in o]
     if bad:
         raise ConfigError(f'overrides must look like dotted.key=value, got {bad}')
     try:
-        cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(_load_with_base(Path(path)), OmegaConf.from_dotlist(list(overrides)))
         resolved = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
         raise ConfigError(f'{path}: {e}') from e
     if not isinstance(resolved, dict):
         raise ConfigError(f'{path}: the top level must be a mapping')

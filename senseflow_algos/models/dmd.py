@@ -97,6 +97,7 @@ class DMDModel(ComposerModel):
         self.phase: str = CRITIC_PHASE.name
         self.generator_stepped = False
         self._sample_cache: list[dict[str, Any]] = []
+        self._weighted_terms: dict[str, torch.Tensor] = {}
         self._streams: dict[tuple[str, bool], torch.Generator] = {}
         # Frozen networks are rebuilt from the teacher weights at start-up: keep them out of checkpoints.
         self._register_state_dict_hook(_drop_frozen_keys)
@@ -248,10 +249,23 @@ class DMDModel(ComposerModel):
 
     def loss(self, outputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if outputs['phase'] == GENERATOR_PHASE.name:
-            dmd = self.dmd_loss(outputs['x0'], outputs['cond'])
-            return {'total': dmd, 'generator/dmd': dmd}
-        fake = self.fake_score_loss(outputs['x0'], outputs['cond'])
-        return {'total': fake, 'fake_score/flow_matching': fake}
+            name, value = 'generator/dmd', self.dmd_loss(outputs['x0'], outputs['cond'])
+        else:
+            name, value = 'fake_score/flow_matching', self.fake_score_loss(outputs['x0'], outputs['cond'])
+        self._weighted_terms = {name: value}
+        return {'total': value, name: value}
+
+    def add_loss_term(self, loss: dict[str, torch.Tensor], name: str, value: torch.Tensor, weight: float = 1.0) -> None:
+        """Add ``weight * value`` to this phase's backpropagated ``loss['total']`` and log ``value`` as ``name``.
+
+        Algorithms call this at ``Event.AFTER_LOSS``. The total is re-summed in name order, so the result (and the
+        autograd graph) does not depend on the order in which algorithms run.
+        """
+        if name in self._weighted_terms:
+            raise ValueError(f'loss term {name!r} was added twice in one phase')
+        self._weighted_terms[name] = weight * value
+        loss[name] = value.detach()
+        loss['total'] = sum(self._weighted_terms[k] for k in sorted(self._weighted_terms))
 
     def dmd_loss(self, x0: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """DMD loss: noise x0 to a fresh sigma; teacher (guided) and fake score (unguided) denoise it."""

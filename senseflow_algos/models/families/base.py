@@ -131,16 +131,18 @@ class ModelFamily(abc.ABC):
     def _as_sigma(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0]).to(torch.float32)
 
-    def isg_mid_sigma(self, sigma_cur: torch.Tensor, sigma_next: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def isg_mid_sigma(self, sigma_cur: torch.Tensor, sigma_next: torch.Tensor, generator: torch.Generator,
+                      margin: Optional[int] = None) -> torch.Tensor:
         """A random intermediate sigma inside each segment, uniform on the integer index grid.
 
-        Draws ``t_mid`` uniformly in ``[t_next + m, t_cur - m]`` (``m`` = :attr:`isg_margin`), per sample, and maps
-        it to sigma with :meth:`index_to_sigma`.
+        Draws ``t_mid`` uniformly in ``[t_next + m, t_cur - m]`` (``m`` = ``margin``, default :attr:`isg_margin`),
+        per sample, and maps it to sigma with :meth:`index_to_sigma`.
         """
-        lo = self.sigma_to_index(sigma_next) + self.isg_margin
-        hi = self.sigma_to_index(sigma_cur) - self.isg_margin
+        margin = self.isg_margin if margin is None else margin
+        lo = self.sigma_to_index(sigma_next) + margin
+        hi = self.sigma_to_index(sigma_cur) - margin
         if (hi < lo).any():
-            raise ValueError(f'ISG margin {self.isg_margin} leaves no room inside a segment '
+            raise ValueError(f'ISG margin {margin} leaves no room inside a segment '
                              f'(index ranges {lo.tolist()}..{hi.tolist()})')
         u = torch.rand(lo.shape, generator=generator, dtype=torch.float64, device=generator.device).to(lo.device)
         t_mid = lo + torch.floor(u * (hi - lo + 1))

@@ -1,0 +1,8 @@
+"""Intra-Segment Guidance: the generator's jump over a segment must match a teacher-then-generator path.
+
+See the :doc:`README <README>` for usage and suggested hyperparameters.
+"""
+
+from senseflow_algos.algorithms.isg.isg import DEFAULT_ISG_GUIDANCE, IntraSegmentGuidance, isg_loss, isg_target
+
+__all__ = ['IntraSegmentGuidance', 'isg_loss', 'isg_target', 'DEFAULT_ISG_GUIDANCE']
