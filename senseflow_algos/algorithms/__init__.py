@@ -1,0 +1,6 @@
+"""The SenseFlow ingredients as Composer Algorithms. In YAML: ``algorithms: {ida, isg, vfm_discriminator}``."""
+
+from senseflow_algos.algorithms.ida import ImplicitDistributionAlignment
+from senseflow_algos.algorithms.isg import IntraSegmentGuidance
+
+__all__ = ['ImplicitDistributionAlignment', 'IntraSegmentGuidance']
