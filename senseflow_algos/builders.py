@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from senseflow_algos.algorithms.ida import ImplicitDistributionAlignment
 from senseflow_algos.algorithms.isg import IntraSegmentGuidance
+from senseflow_algos.algorithms.vfm_discriminator import VFMDiscriminator
 from senseflow_algos.data import build_synthetic_dataloader
 from senseflow_algos.models.dmd import DMDModel
 from senseflow_algos.models.factory import build_dmd_model
@@ -30,6 +31,7 @@ __all__ = [
 ALGORITHMS: dict[str, Callable[..., Algorithm]] = {
     'ida': ImplicitDistributionAlignment,
     'isg': IntraSegmentGuidance,
+    'vfm_discriminator': VFMDiscriminator,
 }
 
 #: ``callbacks:`` YAML key -> Callback class (kwargs from YAML).
@@ -122,6 +124,10 @@ def build_loggers(loggers_cfg: dict[str, Any] | None, full_cfg: dict[str, Any]) 
 def build_trainer(cfg: dict[str, Any]) -> Trainer:
     """Build everything a validated run config describes and return the Composer ``Trainer``."""
     seed = cfg.get('seed', 17)
+    # Cheap objects first: a bad algorithm or callback setting fails before a teacher is loaded.
+    algorithms = build_algorithms(cfg.get('algorithms'))
+    callbacks = build_callbacks(cfg.get('callbacks'))
+    loggers = build_loggers(cfg.get('loggers'), cfg)
     model = build_model(cfg['model'], seed=seed)
     dataloader = build_dataloader(cfg['dataset'], resolution=cfg['model']['resolution'], seed=seed)
     optimizer = build_optimizer(cfg['optimizer'], model)
@@ -131,9 +137,9 @@ def build_trainer(cfg: dict[str, Any]) -> Trainer:
         train_dataloader=dataloader,
         optimizers=optimizer,
         schedulers=scheduler,
-        algorithms=build_algorithms(cfg.get('algorithms')),
-        callbacks=build_callbacks(cfg.get('callbacks')),
-        loggers=build_loggers(cfg.get('loggers'), cfg),
+        algorithms=algorithms,
+        callbacks=callbacks,
+        loggers=loggers,
         run_name=cfg.get('run_name'),
         seed=seed,
         **cfg['trainer'],

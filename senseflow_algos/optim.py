@@ -79,14 +79,16 @@ class PhasedAdamW(torch.optim.AdamW):
         """Run every phase of the batch: closure (forward + backward), then an update of that phase's roles.
 
         Args:
-            closure: Composer's training closure. Required: use precision ``fp32`` or ``amp_bf16``.
+            closure: Composer's training closure (precision ``fp32`` or ``amp_bf16``; ``amp_fp16`` steps without one
+                and is not supported). Without a closure this is a plain AdamW step over existing gradients.
 
         Returns:
             The last phase's loss, as the closure returned it.
         """
         if closure is None:
-            raise RuntimeError('PhasedAdamW needs the Composer training closure; use precision fp32 or amp_bf16 '
-                               '(amp_fp16 steps without a closure).')
+            # torch.distributed.checkpoint initialises optimizer state with a zero-lr, zero-grad step(None);
+            # training always comes through Composer's closure (the DMD model refuses forwards outside a phase).
+            return super().step()
         loss = None
         for phase in self.controller.training_phases():
             self.controller.begin_phase(phase)
@@ -106,4 +108,20 @@ class PhasedAdamW(torch.optim.AdamW):
             super().step()
             self.controller.end_phase(phase)
         self.controller.end_batch()
+        self._init_missing_state()
         return loss
+
+    def _init_missing_state(self) -> None:
+        """Give every trainable parameter AdamW state, also one that has had no gradient yet.
+
+        torch's distributed checkpoint loader expects state for every trainable parameter; an empty state (step 0,
+        zero moments) is exactly what AdamW creates at a parameter's first gradient, so updates are unchanged.
+        """
+        for group in self.param_groups:
+            for p in group['params']:
+                if p.requires_grad and not self.state[p]:
+                    self.state[p].update(step=torch.tensor(0.0, dtype=torch.float32),
+                                         exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                                         exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+                    if group['amsgrad']:
+                        self.state[p]['max_exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)

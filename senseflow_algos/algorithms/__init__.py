@@ -2,5 +2,6 @@
 
 from senseflow_algos.algorithms.ida import ImplicitDistributionAlignment
 from senseflow_algos.algorithms.isg import IntraSegmentGuidance
+from senseflow_algos.algorithms.vfm_discriminator import VFMDiscriminator
 
-__all__ = ['ImplicitDistributionAlignment', 'IntraSegmentGuidance']
+__all__ = ['ImplicitDistributionAlignment', 'IntraSegmentGuidance', 'VFMDiscriminator']

@@ -67,8 +67,6 @@ class DMDModel(ComposerModel):
         seed (int): Seed of the noise streams. Default: ``0``.
     """
 
-    FROZEN = ('teacher', 'vae', 'conditioner')
-
     def __init__(self, family: ModelFamily, components: Components, resolution: int, gen_every: int = 5,
                  backsim_prob: float = 0.5, dmd_guidance: Sequence[float] = (1.0, 8.0), seed: int = 0):
         super().__init__()
@@ -82,6 +80,8 @@ class DMDModel(ComposerModel):
         self.teacher = components.teacher.requires_grad_(False).eval()
         self.vae = components.vae.requires_grad_(False).eval()
         self.conditioner = components.conditioner.requires_grad_(False).eval()
+        #: Children that are frozen: kept in eval mode and out of checkpoints (algorithms may add their own).
+        self.frozen_modules: list[str] = ['teacher', 'vae', 'conditioner']
         self.scheduler_config = components.scheduler_config
         self.resolution = resolution
         self.gen_every = gen_every
@@ -95,6 +95,7 @@ class DMDModel(ComposerModel):
         # Batches trained so far: drives the TTUR cadence and seeds the noise; checkpointed with the model.
         self.register_buffer('ttur_step', torch.zeros((), dtype=torch.long))
         self.phase: str = CRITIC_PHASE.name
+        self.phase_active = False
         self.generator_stepped = False
         self._sample_cache: list[dict[str, Any]] = []
         self._weighted_terms: dict[str, torch.Tensor] = {}
@@ -108,7 +109,7 @@ class DMDModel(ComposerModel):
     def train(self, mode: bool = True):
         """Composer calls ``model.train()`` on every child; frozen networks stay in eval mode."""
         super().train(mode)
-        for name in self.FROZEN:
+        for name in self.frozen_modules:
             getattr(self, name).eval()
         return self
 
@@ -134,6 +135,7 @@ class DMDModel(ComposerModel):
 
     def begin_phase(self, phase: Phase) -> None:
         self.phase = phase.name
+        self.phase_active = True
 
     def end_phase(self, phase: Phase) -> None:
         if phase.name == GENERATOR_PHASE.name:
@@ -142,6 +144,7 @@ class DMDModel(ComposerModel):
     def end_batch(self) -> None:
         self.ttur_step += 1
         self.phase = CRITIC_PHASE.name
+        self.phase_active = False
         self.generator_stepped = False
         self._sample_cache.clear()
         self._streams.clear()
@@ -235,6 +238,10 @@ class DMDModel(ComposerModel):
     # -- ComposerModel ------------------------------------------------------------------------------------------------
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if not self.phase_active:
+            raise RuntimeError('DMDModel trains inside PhasedAdamW.step(closure), which sets the phase; this forward '
+                               'ran outside it (an optimizer other than PhasedAdamW, or precision amp_fp16, which '
+                               'steps without a closure). Use precision fp32 or amp_bf16 and PhasedAdamW.')
         if self.phase == GENERATOR_PHASE.name:
             out = self.generator_pass(batch, with_grad=True)
             self._sample_cache.append(out)
@@ -295,15 +302,15 @@ class DMDModel(ComposerModel):
         return {}
 
 
-def _frozen(key: str, prefix: str = '') -> bool:
-    return any(key.startswith(f'{prefix}{name}.') for name in DMDModel.FROZEN)
+def _frozen(module: DMDModel, key: str, prefix: str = '') -> bool:
+    return any(key.startswith(f'{prefix}{name}.') for name in module.frozen_modules)
 
 
 def _drop_frozen_keys(module, state_dict, prefix, local_metadata):
-    for key in [k for k in state_dict if _frozen(k, prefix)]:
+    for key in [k for k in state_dict if _frozen(module, k, prefix)]:
         del state_dict[key]
 
 
 def _allow_missing_frozen_keys(module, incompatible_keys):
-    for key in [k for k in incompatible_keys.missing_keys if _frozen(k)]:
+    for key in [k for k in incompatible_keys.missing_keys if _frozen(module, k)]:
         incompatible_keys.missing_keys.remove(key)

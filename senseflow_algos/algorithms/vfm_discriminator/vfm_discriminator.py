@@ -1,0 +1,156 @@
+"""The VFM discriminator as a Composer Algorithm: a hinge GAN on a frozen vision foundation model."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from composer.core import Algorithm, Event, State
+from composer.loggers import Logger
+
+from senseflow_algos.algorithms.utils import get_dmd_model
+from senseflow_algos.algorithms.vfm_discriminator.diffaug import diff_augment
+from senseflow_algos.algorithms.vfm_discriminator.losses import hinge_d_loss, hinge_g_loss
+from senseflow_algos.algorithms.vfm_discriminator.network import (DEFAULT_VFM_MODEL, VFMBackbone,
+                                                                   VFMDiscriminatorHeads, fitting_downsamples)
+from senseflow_algos.models.dmd import CRITIC_PHASE, GENERATOR_PHASE, DMDModel
+
+__all__ = ['VFMDiscriminator', 'discriminator_logits']
+
+#: Names under which the discriminator joins the DMD model.
+BACKBONE_ATTR, HEADS_ATTR = 'vfm_backbone', 'discriminator'
+
+
+def discriminator_logits(backbone: VFMBackbone, heads: VFMDiscriminatorHeads, images: torch.Tensor,
+                         text: torch.Tensor, reference: torch.Tensor, augment: Optional[str] = None,
+                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Logits ``(B, N)`` of the heads for ``images`` in [-1, 1], conditioned on ``text`` and the reference images.
+
+    The reference images go through the frozen backbone without gradient and without augmentation; ``images``
+    are DiffAugmented (if ``augment`` is a policy) and keep their gradient path through the backbone.
+    """
+    with torch.no_grad():
+        ref_features = backbone(reference)
+    if augment:
+        images = diff_augment(images, augment, generator=generator)
+    return heads(backbone(images), text, ref_features)
+
+
+class VFMDiscriminator(Algorithm):
+    """Hinge-loss GAN whose critic is trainable heads on a frozen vision foundation model (SenseFlow, section 3.3).
+
+    At ``Event.INIT`` the frozen backbone and the heads join the DMD model as children ``vfm_backbone`` and
+    ``discriminator``; the heads get a ``discriminator`` param group in the one optimizer, so they are stepped in the
+    critic phase of every batch, wrapped by FSDP and saved in checkpoints (the backbone is frozen and left out).
+
+    * Generator phase (generator batches): the generator's x0 is decoded through the VAE with gradient, and
+      ``lambda_G * mean(w * -mean D(fake))`` is added to the generator loss.
+    * Critic phase (every batch): ``mean(w * relu(1 - D(real))) + mean(w * relu(1 + D(fake)))`` on the detached
+      sample, added to the critic loss.
+
+    ``w = (1 - sigma)^2`` at each sample's anchor. Heads are conditioned on the pooled CLIP text embedding and on the
+    backbone features of the batch's real image (``batch['image']``), which the data must carry.
+
+    Args:
+        backbone (str): timm ViT name. Default: DINOv2 ViT-L/14 (``vit_large_patch14_dinov2.lvd142m``).
+        pretrained (bool): Load the backbone's pretrained weights through timm. Default: ``True``.
+        block_indices (Sequence[int], optional): Blocks read as feature maps (plus the embedding output).
+            Default: the reference's 7 blocks for a 24-block ViT, evenly spread otherwise.
+        input_size (int, optional): Side the images are resized to for the backbone (a multiple of its patch
+            size). Default: the backbone's own size.
+        backbone_kwargs (dict, optional): Extra ``timm.create_model`` kwargs (tiny test backbones).
+        generator_weight (float): lambda_G. Default: ``2.0`` (FLUX; 0.1 for SD 3.5).
+        augment (str): DiffAugment policy on the discriminator's inputs. Default: ``color,translation,cutout``.
+        cmap_dim (int): Conditioning projection width of the heads. Default: ``64``.
+        num_downsample (int): Stride-2 stages per head. Default: ``3``.
+        hidden_channels (int, optional): Head trunk width. Default: the backbone width.
+        grad_checkpointing (bool): Recompute backbone blocks in backward to save memory. Default: ``False``.
+    """
+
+    def __init__(self, backbone: str = DEFAULT_VFM_MODEL, pretrained: bool = True,
+                 block_indices: Optional[Sequence[int]] = None, input_size: Optional[int] = None,
+                 backbone_kwargs: Optional[dict[str, Any]] = None, generator_weight: float = 2.0,
+                 augment: str = 'color,translation,cutout', cmap_dim: int = 64, num_downsample: int = 3,
+                 hidden_channels: Optional[int] = None, grad_checkpointing: bool = False):
+        if generator_weight < 0:
+            raise ValueError(f'algorithms.vfm_discriminator.generator_weight must be >= 0, got {generator_weight}')
+        diff_augment(torch.zeros(1, 3, 8, 8), augment)  # reject an unknown policy now, not at the first batch
+        self.backbone_name = backbone
+        self.pretrained = pretrained
+        self.block_indices = None if block_indices is None else list(block_indices)
+        self.input_size = input_size
+        self.backbone_kwargs = dict(backbone_kwargs or {})
+        self.generator_weight = generator_weight
+        self.augment = augment
+        self.head_kwargs = dict(cmap_dim=cmap_dim, num_downsample=num_downsample, hidden_channels=hidden_channels)
+        self.grad_checkpointing = grad_checkpointing
+
+    def __repr__(self) -> str:
+        return f'VFMDiscriminator(backbone={self.backbone_name!r}, generator_weight={self.generator_weight})'
+
+    # -- events -------------------------------------------------------------------------------------------------------
+
+    def match(self, event: Event, state: State) -> bool:
+        if event == Event.INIT:
+            return True
+        if event != Event.AFTER_LOSS:
+            return False
+        phase = get_dmd_model(state, 'VFMDiscriminator').phase
+        return phase == CRITIC_PHASE.name or (phase == GENERATOR_PHASE.name and self.generator_weight > 0)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
+        model = get_dmd_model(state, 'VFMDiscriminator')
+        if event == Event.INIT:
+            self._attach(model, state)
+            return None
+        real = state.batch.get('image') if isinstance(state.batch, dict) else None
+        if real is None:
+            raise KeyError("VFMDiscriminator needs real images: the batch has no 'image' (prompt-only or "
+                           'latent-only data). Use a dataset with images or remove algorithms.vfm_discriminator.')
+        out = state.outputs
+        weight = model.family.adversarial_weight(out['sigma'].float())
+        text = out['cond']['pooled_prompt_embeds'].float()
+        backbone, heads = getattr(model, BACKBONE_ATTR), getattr(model, HEADS_ATTR)
+        real = real.float()
+        if model.phase == GENERATOR_PHASE.name:
+            pixels = model.family.decode_latents(model.vae, out['x0'])  # with gradient into the generator
+            out['pixels'] = pixels  # the critic phase of this batch reuses it, detached
+            logits = discriminator_logits(backbone, heads, pixels, text, real, self.augment,
+                                          model.rng('vfm_generator'))
+            model.add_loss_term(state.loss, 'generator/adversarial', hinge_g_loss(logits, weight),
+                                self.generator_weight)
+            return None
+        if 'pixels' in out:
+            pixels = out['pixels'].detach()
+        else:
+            with torch.no_grad():
+                pixels = model.family.decode_latents(model.vae, out['x0'].detach())
+        gen = model.rng('vfm_discriminator')
+        logits_fake = discriminator_logits(backbone, heads, pixels, text, real, self.augment, gen)
+        logits_real = discriminator_logits(backbone, heads, real, text, real, self.augment, gen)
+        model.add_loss_term(state.loss, 'discriminator/hinge', hinge_d_loss(logits_real, logits_fake, weight))
+        return None
+
+    # -- set-up -------------------------------------------------------------------------------------------------------
+
+    def _attach(self, model: DMDModel, state: State) -> None:
+        if hasattr(model, HEADS_ATTR):
+            raise RuntimeError('the DMD model already has a discriminator; add VFMDiscriminator once')
+        text_dim = int(model.teacher.config.pooled_projection_dim)
+        # Fixed seed: the heads' initial weights do not depend on what ran before INIT.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(model.seed)
+            backbone = VFMBackbone(self.backbone_name, pretrained=self.pretrained, block_indices=self.block_indices,
+                                   input_size=self.input_size, model_kwargs=self.backbone_kwargs,
+                                   grad_checkpointing=self.grad_checkpointing)
+            # Build only the downsampling stages the backbone's grid goes through: a stage that never runs would
+            # hold parameters with no gradient (and no optimizer state to checkpoint).
+            head_kwargs = dict(self.head_kwargs)
+            head_kwargs['num_downsample'] = fitting_downsamples(min(backbone.grid_size), head_kwargs['num_downsample'])
+            heads = VFMDiscriminatorHeads([backbone.embed_dim] * backbone.num_features_maps, c_dim=text_dim,
+                                          **head_kwargs)
+        setattr(model, BACKBONE_ATTR, backbone.to(model.device))
+        setattr(model, HEADS_ATTR, heads.to(model.device))
+        model.frozen_modules.append(BACKBONE_ATTR)
+        optimizer = state.optimizers[0]
+        optimizer.add_param_group({'params': list(heads.parameters()), 'role': 'discriminator'})
