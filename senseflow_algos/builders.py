@@ -67,6 +67,10 @@ def build_dataloader(dataset_cfg: dict[str, Any], resolution: int, seed: int) ->
         raise ValueError(f'dataset.global_batch_size={global_batch} is not divisible by the world size {world}')
     if kind == 'synthetic':
         return build_synthetic_dataloader(batch_size=global_batch // world, resolution=resolution, seed=seed, **cfg)
+    if kind == 'shapes':
+        from senseflow_algos.shapes.world import build_shapes_dataloader
+
+        return build_shapes_dataloader(batch_size=global_batch // world, resolution=resolution, seed=seed, **cfg)
     raise ValueError(f'dataset.kind={kind!r} is not supported')
 
 
