@@ -1,0 +1,468 @@
+"""Export a distilled generator to a diffusers pipeline folder that samples like the in-repo 4-step sampler.
+
+The folder holds a ``FluxPipeline`` or ``StableDiffusion3Pipeline`` (the teacher's VAE, text encoders and
+tokenizers, the student as ``transformer``), a ``FlowMatchEulerDiscreteScheduler`` configured for the sampler, a bare
+``generator.safetensors`` of the student's weights and ``senseflow_export.json`` (anchors, sampler and the exact
+call arguments that reproduce :func:`senseflow_algos.sampling.sample`).
+
+How the scheduler reproduces the samplers (checked in diffusers 0.39's ``scheduling_flow_match_euler_discrete.py``):
+``step()`` with ``stochastic_sampling=True`` computes ``x0 = x - s v`` and ``(1 - s_next) x0 + s_next * randn``,
+which is :func:`senseflow_algos.flow.renoise_step`; with ``stochastic_sampling=False`` it is the Euler step
+``x + (s_next - s) v``. The 4 sigmas come from ``set_timesteps``: the pipeline's pre-shift sigmas go through the
+scheduler's shift (SD 3.5: static ``shift``; FLUX: ``mu`` from the image size, so at the training resolution
+FluxPipeline's default ``linspace(1, 1/4, 4)`` gives the training anchors). SD 3.5 pipelines have no such default:
+pass ``sigmas=`` (written to ``senseflow_export.json``) and ``guidance_scale=1`` (no CFG).
+
+Randomness: the pipeline draws its initial noise from ``generator`` but the scheduler's re-noise noise from the
+device's global RNG (``step`` is called without a generator); pass
+:func:`senseflow_algos.sampling.seeded_default_generator` to both to get identical samples.
+
+Command line: ``python export.py <checkpoint .pt | run folder> <out folder> [--config yamls/x.yaml overrides...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from senseflow_algos.sampling import METHODS, SamplingComponents
+
+if TYPE_CHECKING:
+    from senseflow_algos.models.dmd import DMDModel
+
+__all__ = [
+    'PIPELINE_CLASSES',
+    'EXPORT_INFO',
+    'BARE_WEIGHTS',
+    'RUN_CONFIG_NAMES',
+    'ExportError',
+    'student_scheduler_config',
+    'pipeline_sigmas',
+    'build_pipeline',
+    'export_pipeline',
+    'resolve_checkpoint',
+    'find_run_config',
+    'load_generator_state',
+    'load_model_from_checkpoint',
+    'export_checkpoint',
+    'load_export_info',
+    'pipeline_call_kwargs',
+    'sampling_components_from_pipeline',
+    'main',
+]
+
+#: ``model.family`` -> the diffusers pipeline class name the student is exported as.
+PIPELINE_CLASSES = {'flux': 'FluxPipeline', 'sd35': 'StableDiffusion3Pipeline'}
+#: Metadata file written next to ``model_index.json``.
+EXPORT_INFO = 'senseflow_export.json'
+#: The bare generator weights (the diffusers transformer's state dict).
+BARE_WEIGHTS = 'generator.safetensors'
+#: Names under which a run config is looked for next to a checkpoint (and in the folder above it).
+RUN_CONFIG_NAMES = ('run_config.yaml', 'config.yaml')
+
+_DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+class ExportError(ValueError):
+    """An export that cannot proceed; the message names the file, key or value at fault."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scheduler
+
+
+def student_scheduler_config(family, base_config: dict[str, Any], method: str = 'renoise') -> dict[str, Any]:
+    """The ``FlowMatchEulerDiscreteScheduler`` config of an exported student.
+
+    Starts from the teacher scheduler's config and sets the sampler (``stochastic_sampling``) and the family's shift;
+    every option that would move the sigmas off the anchors (Karras / exponential / beta sigmas, terminal stretch,
+    inversion) is switched off.
+
+    Args:
+        family (ModelFamily): The teacher family.
+        base_config (dict): The teacher scheduler's config (``DMDModel.scheduler_config``).
+        method (str): ``'renoise'`` or ``'euler'``.
+    """
+    if method not in METHODS:
+        raise ExportError(f'sampler method={method!r} is not known; choose one of {list(METHODS)}')
+    cfg = {k: v for k, v in dict(base_config).items() if not k.startswith('_')}
+    cfg.update(stochastic_sampling=method == 'renoise', invert_sigmas=False, shift_terminal=None,
+               use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+               time_shift_type='exponential')
+    if family.name == 'flux':
+        p = family.shift_params
+        cfg.update(use_dynamic_shifting=True, base_image_seq_len=p['base_seq_len'], max_image_seq_len=p['max_seq_len'],
+                   base_shift=p['base_shift'], max_shift=p['max_shift'])
+    elif family.name == 'sd35':
+        cfg.update(use_dynamic_shifting=False, shift=float(family.shift))
+    else:
+        raise ExportError(f'model.family={family.name!r} has no diffusers export; known: {sorted(PIPELINE_CLASSES)}')
+    return cfg
+
+
+def _flux_mu(scheduler_config: dict[str, Any], latent_shape: Sequence[int]) -> float:
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    tokens = (latent_shape[1] // 2) * (latent_shape[2] // 2)
+    return float(calculate_shift(tokens, scheduler_config['base_image_seq_len'], scheduler_config['max_image_seq_len'],
+                                 scheduler_config['base_shift'], scheduler_config['max_shift']))
+
+
+def pipeline_sigmas(scheduler_config: dict[str, Any], sigmas: torch.Tensor,
+                    latent_shape: Sequence[int]) -> tuple[list[float], Optional[float]]:
+    """The pre-shift ``sigmas=`` a pipeline passes to ``set_timesteps`` to land on the anchors, and FLUX's ``mu``.
+
+    Inverts the scheduler's shift (static ``shift`` or FLUX's exponential time shift at ``mu`` computed from the latent
+    size, as FluxPipeline does), then checks that ``set_timesteps`` really reproduces ``sigmas``.
+
+    Args:
+        scheduler_config (dict): From :func:`student_scheduler_config`.
+        sigmas (Tensor): Anchors followed by 0 (``DMDModel.sigmas``).
+        latent_shape: ``(C, h, w)`` of the latents at the training resolution.
+
+    Raises:
+        ExportError: If the scheduler does not reproduce the anchors to 1e-5.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    anchors = [float(s) for s in sigmas[:-1]]
+    mu = None
+    if scheduler_config['use_dynamic_shifting']:
+        mu = _flux_mu(scheduler_config, latent_shape)
+        pre = [1.0 / (1.0 + math.exp(mu) * (1.0 / s - 1.0)) for s in anchors]
+    else:
+        k = float(scheduler_config['shift'])
+        pre = [s / (k - (k - 1.0) * s) for s in anchors]
+    pre = [round(p, 6) for p in pre]
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(sigmas=pre, **({'mu': mu} if mu is not None else {}))
+    got = scheduler.sigmas.double()
+    want = torch.as_tensor([float(s) for s in sigmas], dtype=torch.float64)
+    if got.shape != want.shape or (got - want).abs().max() > 1e-5:
+        raise ExportError(f'the exported scheduler gives sigmas {got.tolist()} for sigmas={pre}, not the training '
+                          f'anchors {want.tolist()}')
+    return pre, mu
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pipeline
+
+
+def build_pipeline(family_name: str, net: nn.Module, vae: nn.Module, conditioner: nn.Module, scheduler):
+    """A diffusers pipeline of the family with ``net`` as its transformer and the conditioner's text encoders."""
+    import diffusers
+
+    if family_name not in PIPELINE_CLASSES:
+        raise ExportError(f'model.family={family_name!r} has no diffusers export; known: {sorted(PIPELINE_CLASSES)}')
+    cls = getattr(diffusers, PIPELINE_CLASSES[family_name])
+    c = conditioner
+    if family_name == 'flux':
+        if getattr(net.config, 'guidance_embeds', False):
+            raise ExportError('the FLUX student has a guidance embedding (guidance_embeds=true); the generator should '
+                              'be built with without_guidance_embedding')
+        return cls(scheduler=scheduler, vae=vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+                   text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2, transformer=net)
+    return cls(transformer=net, scheduler=scheduler, vae=vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+               text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2, text_encoder_3=c.text_encoder_3,
+               tokenizer_3=c.tokenizer_3)
+
+
+def _call_kwargs(family_name: str, steps: int, pre_sigmas: list[float], resolution: int,
+                 max_sequence_length: int) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {'num_inference_steps': steps, 'sigmas': pre_sigmas, 'height': resolution,
+                              'width': resolution, 'max_sequence_length': max_sequence_length}
+    if family_name == 'sd35':
+        kwargs['guidance_scale'] = 1.0  # StableDiffusion3Pipeline runs CFG when guidance_scale > 1
+    return kwargs
+
+
+def export_pipeline(model: 'DMDModel', out: str | Path, method: str = 'renoise', dtype: Optional[str] = None,
+                    bare: bool = True, source: Optional[str] = None) -> Path:
+    """Write the generator of a DMD model as a diffusers pipeline folder.
+
+    Args:
+        model (DMDModel): The model; its generator, VAE, conditioner, anchors and teacher scheduler config are used.
+        out (str | Path): The output folder (created; existing files are overwritten).
+        method (str): The sampler the scheduler reproduces: ``'renoise'`` (default) or ``'euler'``.
+        dtype (str, optional): ``fp32``, ``bf16`` or ``fp16`` for the saved transformer. Default: as trained. The
+            live model is never changed (a copy is cast).
+        bare (bool): Also write ``generator.safetensors``. Default: ``True``.
+        source (str, optional): Where the weights came from (recorded in ``senseflow_export.json``).
+
+    Returns:
+        Path: The folder, loadable with ``DiffusionPipeline.from_pretrained``.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    family = model.family
+    if family.name not in PIPELINE_CLASSES:
+        raise ExportError(f'model.family={family.name!r} has no diffusers export; known: {sorted(PIPELINE_CLASSES)}')
+    if dtype is not None and dtype not in _DTYPES:
+        raise ExportError(f'dtype={dtype!r} is not one of {sorted(_DTYPES)}')
+    out = Path(out)
+    sched_cfg = student_scheduler_config(family, model.scheduler_config, method)
+    pre_sigmas, mu = pipeline_sigmas(sched_cfg, model.sigmas, model.latent_shape)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(sched_cfg)
+    net = model.generator
+    if dtype is not None and next(net.parameters()).dtype != _DTYPES[dtype]:
+        net = copy.deepcopy(net).to(_DTYPES[dtype])
+    pipe = build_pipeline(family.name, net, model.vae, model.conditioner, scheduler)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    if bare:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+        save_file(state, str(out / BARE_WEIGHTS), metadata={
+            'format': 'pt', 'family': family.name,
+            'description': f'SenseFlow generator: diffusers {type(net).__name__} state dict'})
+    steps = len(model.sigmas) - 1
+    call = _call_kwargs(family.name, steps, pre_sigmas, int(model.resolution),
+                        int(getattr(model.conditioner, 'max_sequence_length', 512)))
+    info = {
+        'family': family.name,
+        'pipeline_class': PIPELINE_CLASSES[family.name],
+        'sampler': method,
+        'anchors': [float(s) for s in model.sigmas[:-1]],
+        'sigmas': [float(s) for s in model.sigmas],
+        'mu': mu,
+        'resolution': int(model.resolution),
+        'latent_shape': [int(d) for d in model.latent_shape],
+        'call_kwargs': call,
+        'bare_weights': BARE_WEIGHTS if bare else None,
+        'source': source,
+        'notes': ('Re-noise noise comes from the global RNG of the device (the scheduler step is called without a '
+                  'generator): pass senseflow_algos.sampling.seeded_default_generator(seed) as generator= to match '
+                  'the in-repo sampler exactly. At a resolution other than the one trained, FLUX shifts the anchors '
+                  'by its resolution rule.'),
+    }
+    (out / EXPORT_INFO).write_text(json.dumps(info, indent=2) + '\n')
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file from a ``.pt`` / ``.safetensors`` path or a run folder (its ``latest-rank0.pt``).
+
+    Raises:
+        ExportError: Naming the missing path and what the folder holds.
+    """
+    path = Path(path)
+    if path.is_dir():
+        latest = path / 'latest-rank0.pt'
+        if latest.exists():
+            return latest
+        found = sorted(p.name for p in path.glob('*.pt'))
+        raise ExportError(f'run folder {path} has no latest-rank0.pt' +
+                          (f'; checkpoints there: {found} (pass one of them)' if found else ' and no *.pt checkpoint'))
+    if not path.exists():
+        raise ExportError(f'checkpoint {path} does not exist')
+    return path
+
+
+def find_run_config(checkpoint: str | Path) -> Optional[Path]:
+    """A run config saved next to ``checkpoint`` (or in the folder above), named one of :data:`RUN_CONFIG_NAMES`."""
+    folder = Path(checkpoint).resolve().parent
+    for d in (folder, folder.parent):
+        for name in RUN_CONFIG_NAMES:
+            if (d / name).is_file():
+                return d / name
+    return None
+
+
+def _strip(key: str) -> str:
+    return key[len('module.'):] if key.startswith('module.') else key
+
+
+def load_generator_state(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The generator's state dict from a Composer checkpoint (or a bare ``.safetensors``), and checkpoint metadata.
+
+    Returns:
+        tuple: ``(state_dict, meta)`` where ``meta`` holds the checkpoint's ``run_name`` when known.
+    """
+    path = resolve_checkpoint(checkpoint)
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+
+        return load_file(str(path)), {}
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
+        raise ExportError(f'cannot read checkpoint {path}: {e}') from e
+    state = ckpt.get('state') if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or 'model' not in state:
+        raise ExportError(f'{path} is not a Composer checkpoint (no state.model); top-level keys: '
+                          f'{sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__}')
+    prefix = 'generator.'
+    gen = {_strip(k)[len(prefix):]: v for k, v in state['model'].items() if _strip(k).startswith(prefix)}
+    if not gen:
+        tops = sorted({_strip(k).split('.')[0] for k in state['model']})
+        raise ExportError(f'checkpoint {path} holds no generator weights (keys generator.*); model keys start with '
+                          f'{tops}')
+    return gen, {'run_name': state.get('run_name')}
+
+
+def _config_hint(run_name: Optional[str]) -> str:
+    from senseflow_algos.config import DEFAULT_SCHEMA
+
+    if not run_name:
+        return ''
+    import yaml
+
+    matches = []
+    for p in sorted(DEFAULT_SCHEMA.parent.rglob('*.yaml')):
+        try:
+            if (yaml.safe_load(p.read_text()) or {}).get('run_name') == run_name:
+                matches.append(str(p))
+        except Exception:  # noqa: BLE001 - a hint only
+            continue
+    return f' (the checkpoint is from run {run_name!r}' + (f'; configs with that run_name: {matches})' if matches
+                                                            else ')')
+
+
+def load_model_from_checkpoint(checkpoint: str | Path, config: Optional[str | Path] = None,
+                               overrides: Sequence[str] = ()) -> 'DMDModel':
+    """Rebuild the DMD model from its run config and load the generator weights of ``checkpoint``.
+
+    Checkpoints hold the generator, fake score and heads but not the frozen teacher, VAE and text encoders; those are
+    rebuilt from the config (``model.pretrained`` or the tiny models with the run's ``seed``).
+
+    Args:
+        checkpoint: A ``.pt`` file, a run folder (``latest-rank0.pt``) or a bare ``generator.safetensors``.
+        config: The run YAML. Default: a :data:`RUN_CONFIG_NAMES` file next to the checkpoint.
+        overrides: Dotted ``key=value`` overrides of the config (as given to ``train.py``).
+
+    Raises:
+        ExportError: No config found, or the weights do not fit the model the config builds.
+    """
+    from senseflow_algos.builders import build_model
+    from senseflow_algos.config import load_config, validate_config
+
+    path = resolve_checkpoint(checkpoint)
+    state, meta = load_generator_state(path)
+    if config is None:
+        config = find_run_config(path)
+        if config is None:
+            raise ExportError(f'no run config found for {path} (looked for {list(RUN_CONFIG_NAMES)} next to it and one '
+                              f'folder up); pass --config yamls/<the yaml it was trained with> and the same '
+                              f'overrides{_config_hint(meta.get("run_name"))}')
+    cfg = load_config(config, list(overrides))
+    validate_config(cfg, source=str(config))
+    model = build_model(cfg['model'], seed=cfg.get('seed', 17))
+    result = model.generator.load_state_dict(state, strict=False)
+    mismatch = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(model.generator.state_dict()[k].shape)}'
+                for k, v in state.items()
+                if k in model.generator.state_dict() and v.shape != model.generator.state_dict()[k].shape]
+    if result.missing_keys or result.unexpected_keys or mismatch:
+        raise ExportError(f'generator weights of {path} do not fit the model built from {config}: missing '
+                          f'{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}, shape mismatches '
+                          f'{mismatch[:5]}')
+    return model
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, config: Optional[str | Path] = None,
+                      overrides: Sequence[str] = (), method: str = 'renoise', dtype: Optional[str] = None,
+                      bare: bool = True, progress: bool = True) -> Path:
+    """:func:`load_model_from_checkpoint` then :func:`export_pipeline` (what ``python export.py`` runs)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=2, desc='export', disable=not progress) as bar:
+        bar.set_postfix_str('rebuilding the model and loading the generator')
+        model = load_model_from_checkpoint(checkpoint, config, overrides)
+        bar.update()
+        bar.set_postfix_str(f'writing {out}')
+        folder = export_pipeline(model, out, method=method, dtype=dtype, bare=bare,
+                                 source=str(resolve_checkpoint(checkpoint)))
+        bar.update()
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Using an export
+
+
+def load_export_info(folder: str | Path) -> dict[str, Any]:
+    """``senseflow_export.json`` of an exported folder.
+
+    Raises:
+        ExportError: If the folder has none (not written by :func:`export_pipeline`).
+    """
+    path = Path(folder) / EXPORT_INFO
+    if not path.is_file():
+        raise ExportError(f'{folder} has no {EXPORT_INFO}: it was not written by senseflow_algos.export')
+    return json.loads(path.read_text())
+
+
+def pipeline_call_kwargs(folder: str | Path) -> dict[str, Any]:
+    """The keyword arguments of ``pipe(prompt, **kwargs)`` that reproduce the in-repo sampler (plus ``generator``)."""
+    return dict(load_export_info(folder)['call_kwargs'])
+
+
+def sampling_components_from_pipeline(pipe, info: dict[str, Any]) -> SamplingComponents:
+    """:class:`~senseflow_algos.sampling.SamplingComponents` on the modules of a loaded exported pipeline.
+
+    Args:
+        pipe: The pipeline from ``DiffusionPipeline.from_pretrained(folder)``.
+        info (dict): :func:`load_export_info` of that folder.
+    """
+    from senseflow_algos.models.families import FluxConditioner, SD3Conditioner, get_family
+
+    name = info['family']
+    max_len = int(info['call_kwargs'].get('max_sequence_length', 512))
+    if name == 'flux':
+        conditioner = FluxConditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
+                                      max_sequence_length=max_len)
+    elif name == 'sd35':
+        conditioner = SD3Conditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
+                                     pipe.text_encoder_3, pipe.tokenizer_3, max_sequence_length=max_len)
+    else:
+        raise ExportError(f'{EXPORT_INFO}: family={name!r} is not known; known: {sorted(PIPELINE_CLASSES)}')
+    return SamplingComponents(get_family(name), pipe.transformer, pipe.vae, conditioner,
+                              torch.tensor(info['sigmas'], dtype=torch.float64), tuple(info['latent_shape']))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python export.py <checkpoint | run folder> <out> [--config x.yaml overrides...]``; returns an exit code."""
+    parser = argparse.ArgumentParser(
+        prog='python export.py',
+        description='Export a SenseFlow / DMD generator checkpoint to a diffusers pipeline folder.')
+    parser.add_argument('checkpoint', help='Composer checkpoint (.pt), run folder (uses latest-rank0.pt) or a bare '
+                        'generator .safetensors')
+    parser.add_argument('out', help='output folder (a diffusers pipeline)')
+    parser.add_argument('overrides', nargs='*', help='dotted key=value overrides of the run config')
+    parser.add_argument('--config', help='the run YAML the checkpoint was trained with (default: run_config.yaml '
+                        'next to the checkpoint)')
+    parser.add_argument('--method', choices=METHODS, default='renoise',
+                        help='sampler the scheduler reproduces (default: renoise)')
+    parser.add_argument('--dtype', choices=sorted(_DTYPES), help='dtype of the saved transformer (default: as '
+                        'trained)')
+    parser.add_argument('--no-bare', action='store_true', help='do not write generator.safetensors')
+    args = parser.parse_intermixed_args(argv)
+    from senseflow_algos.config import ConfigError
+
+    try:
+        folder = export_checkpoint(args.checkpoint, args.out, config=args.config, overrides=args.overrides,
+                                   method=args.method, dtype=args.dtype, bare=not args.no_bare)
+    except (ExportError, ConfigError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    call = pipeline_call_kwargs(folder)
+    print(f'exported to {folder}\n'
+          f'  pipe = DiffusionPipeline.from_pretrained({str(folder)!r})\n'
+          f'  pipe(prompt, generator=seeded_default_generator(0), **{call})')
+    return 0
