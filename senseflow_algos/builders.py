@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from senseflow_algos.algorithms.ida import ImplicitDistributionAlignment
 from senseflow_algos.algorithms.isg import IntraSegmentGuidance
 from senseflow_algos.algorithms.vfm_discriminator import VFMDiscriminator
+from senseflow_algos.callbacks import ExportPipeline, SampleGrid
 from senseflow_algos.data import build_synthetic_dataloader
 from senseflow_algos.models.dmd import DMDModel
 from senseflow_algos.models.factory import build_dmd_model
@@ -41,6 +42,8 @@ CALLBACKS: dict[str, Callable[..., Callback]] = {
     'memory_monitor': MemoryMonitor,
     'runtime_estimator': RuntimeEstimator,
     'optimizer_monitor': OptimizerMonitor,
+    'sample_grid': SampleGrid,
+    'export_pipeline': ExportPipeline,
 }
 
 #: ``scheduler.name`` -> Composer scheduler class.

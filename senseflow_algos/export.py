@@ -359,6 +359,11 @@ def load_model_from_checkpoint(checkpoint: str | Path, config: Optional[str | Pa
                               f'overrides{_config_hint(meta.get("run_name"))}')
     cfg = load_config(config, list(overrides))
     validate_config(cfg, source=str(config))
+    # A run trained on precomputed embeddings / latents may have skipped the text encoders or the VAE encoder; a
+    # pipeline needs both.
+    for key in ('text_encoders', 'vae_encoder'):
+        if cfg['model'].get(key) is False:
+            cfg['model'][key] = True
     model = build_model(cfg['model'], seed=cfg.get('seed', 17))
     result = model.generator.load_state_dict(state, strict=False)
     mismatch = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(model.generator.state_dict()[k].shape)}'
