@@ -11,11 +11,14 @@ clips them per role and steps.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Iterable, NamedTuple, Optional, Protocol, Sequence
 
 import torch
 
-__all__ = ['Phase', 'PhaseController', 'PhasedAdamW', 'ROLES']
+log = logging.getLogger(__name__)
+
+__all__ = ['Phase', 'PhaseController', 'PhasedAdamW', 'ROLES', 'NonFiniteGradientError']
 
 #: Roles a param group may carry.
 ROLES = ('generator', 'fake_score', 'discriminator')
@@ -47,6 +50,10 @@ class PhaseController(Protocol):
         ...
 
 
+class NonFiniteGradientError(FloatingPointError):
+    """A phase produced a NaN or Inf gradient and ``on_nonfinite='stop'``."""
+
+
 class PhasedAdamW(torch.optim.AdamW):
     """AdamW whose ``step(closure)`` runs one closure and one update per training phase.
 
@@ -56,18 +63,26 @@ class PhasedAdamW(torch.optim.AdamW):
         controller (PhaseController): Decides the phases of each batch (usually the DMD model).
         max_grad_norm (float, optional): If set, gradients are clipped to this norm per role, as each
             network had its own optimizer in the reference trainer. Default: ``None``.
+        on_nonfinite (str): What a phase with a NaN or Inf gradient does: ``stop`` raises
+            :class:`NonFiniteGradientError` before any weight changes (so nothing non-finite reaches a checkpoint);
+            ``skip`` drops that phase's update and counts it in ``param_groups[0]['nonfinite_skips']`` (saved with
+            the optimizer state). Default: ``stop``.
         **adamw_kwargs: ``lr``, ``betas``, ``eps``, ``weight_decay``, ... for :class:`torch.optim.AdamW`.
     """
 
     def __init__(self, params: Iterable[dict], controller: PhaseController, max_grad_norm: Optional[float] = None,
-                 **adamw_kwargs):
+                 on_nonfinite: str = 'stop', **adamw_kwargs):
         groups = list(params)
         for group in groups:
             if group.get('role') not in ROLES:
                 raise ValueError(f"every param group needs a 'role' in {ROLES}, got {group.get('role')!r}")
+        if on_nonfinite not in ('stop', 'skip'):
+            raise ValueError(f"optimizer.on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
         super().__init__(groups, **adamw_kwargs)
         self.controller = controller
         self.max_grad_norm = max_grad_norm
+        self.on_nonfinite = on_nonfinite
+        self.param_groups[0].setdefault('nonfinite_skips', 0)
 
     def params_of(self, roles: Iterable[str]) -> list[torch.nn.Parameter]:
         """All parameters in groups whose role is in ``roles``."""
@@ -100,16 +115,36 @@ class PhasedAdamW(torch.optim.AdamW):
                 if group['role'] not in phase.roles:
                     for p in group['params']:
                         p.grad = None
-            if self.max_grad_norm is not None:
-                for role in phase.roles:
-                    grads = [p for p in self.params_of([role]) if p.grad is not None]
-                    if grads:
-                        torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
-            super().step()
+            if self._finite_or_skip(phase):
+                if self.max_grad_norm is not None:
+                    for role in phase.roles:
+                        grads = [p for p in self.params_of([role]) if p.grad is not None]
+                        if grads:
+                            torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
+                super().step()
             self.controller.end_phase(phase)
         self.controller.end_batch()
         self._init_missing_state()
         return loss
+
+    def _finite_or_skip(self, phase: Phase) -> bool:
+        """``True`` if every gradient of the phase is finite; else raise (``stop``) or drop them and count (``skip``)."""
+        params = [p for p in self.params_of(phase.roles) if p.grad is not None]
+        if not params:
+            return True
+        norms = torch._foreach_norm([p.grad for p in params])
+        if bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+            return True
+        if self.on_nonfinite == 'stop':
+            raise NonFiniteGradientError(
+                f'non-finite gradient in the {phase.name} phase (roles {list(phase.roles)}); no weight was updated. '
+                "Set optimizer.on_nonfinite=skip to skip such updates instead.")
+        for p in params:
+            p.grad = None
+        self.param_groups[0]['nonfinite_skips'] = self.param_groups[0].get('nonfinite_skips', 0) + 1
+        log.warning('skipped the %s update: non-finite gradient (%d skipped so far)', phase.name,
+                    self.param_groups[0]['nonfinite_skips'])
+        return False
 
     def _init_missing_state(self) -> None:
         """Give every trainable parameter AdamW state, also one that has had no gradient yet.

@@ -28,7 +28,7 @@ class Controller:
         self.log.append(('end_batch',))
 
 
-def _setup(phases, max_grad_norm=None, unused=False):
+def _setup(phases, max_grad_norm=None, unused=False, on_nonfinite='stop'):
     a = torch.nn.Parameter(torch.ones(3))
     b = torch.nn.Parameter(torch.ones(2))
     groups = [{'params': [a], 'role': 'generator'}, {'params': [b], 'role': 'fake_score'}]
@@ -36,7 +36,7 @@ def _setup(phases, max_grad_norm=None, unused=False):
     if unused:
         groups.append({'params': [c], 'role': 'discriminator'})
     ctrl = Controller(phases)
-    opt = PhasedAdamW(groups, controller=ctrl, lr=0.1, max_grad_norm=max_grad_norm)
+    opt = PhasedAdamW(groups, controller=ctrl, lr=0.1, max_grad_norm=max_grad_norm, on_nonfinite=on_nonfinite)
     return a, b, c, ctrl, opt
 
 
@@ -102,3 +102,32 @@ def test_unused_parameters_get_empty_state_and_plain_step_without_closure():
 def test_groups_need_a_known_role():
     with pytest.raises(ValueError, match="needs a 'role'"):
         PhasedAdamW([{'params': [torch.nn.Parameter(torch.ones(1))]}], controller=Controller([]))
+
+
+def test_nonfinite_stop_raises_before_any_update():
+    from senseflow_algos.optim import NonFiniteGradientError
+
+    a, b, _, _, opt = _setup([GEN, CRITIC])
+    with pytest.raises(NonFiniteGradientError, match='generator phase'):
+        opt.step(_closure(opt, a, b, scale_a=float('nan')))
+    assert torch.equal(a.detach(), torch.ones(3)) and torch.equal(b.detach(), torch.ones(2))
+
+
+def test_nonfinite_skip_drops_only_that_phase_and_counts():
+    a, b, _, _, opt = _setup([GEN, CRITIC], on_nonfinite='skip')
+    calls = []
+
+    def closure():  # NaN only in the generator's loss; the critic's gradients stay finite
+        opt.zero_grad(set_to_none=True)
+        calls.append(1)
+        loss = (float('inf') if len(calls) == 1 else 1.0) * a.sum() + b.sum()
+        loss.backward()
+        return loss.item()
+
+    opt.step(closure)
+    assert torch.equal(a.detach(), torch.ones(3)), 'the non-finite generator update was skipped'
+    assert not torch.equal(b.detach(), torch.ones(2)), 'the critic update still happened'
+    assert opt.param_groups[0]['nonfinite_skips'] == 1
+    assert opt.state_dict()['param_groups'][0]['nonfinite_skips'] == 1  # saved with the optimizer
+    with pytest.raises(ValueError, match='on_nonfinite'):
+        _setup([GEN], on_nonfinite='ignore')
