@@ -79,9 +79,11 @@ class DMDModel(ComposerModel):
         self.fake_score = copy.deepcopy(components.student).train()
         self.teacher = components.teacher.requires_grad_(False).eval()
         self.vae = components.vae.requires_grad_(False).eval()
-        self.conditioner = components.conditioner.requires_grad_(False).eval()
+        # No conditioner (``model.text_encoders: false``): batches must carry precomputed embeddings.
+        self.conditioner = None if components.conditioner is None else components.conditioner.requires_grad_(
+            False).eval()
         #: Children that are frozen: kept in eval mode and out of checkpoints (algorithms may add their own).
-        self.frozen_modules: list[str] = ['teacher', 'vae', 'conditioner']
+        self.frozen_modules: list[str] = ['teacher', 'vae'] + (['conditioner'] if self.conditioner is not None else [])
         self.scheduler_config = components.scheduler_config
         self.resolution = resolution
         self.gen_every = gen_every
@@ -171,16 +173,48 @@ class DMDModel(ComposerModel):
     def conditioning(self, batch: dict[str, Any]) -> Conditioning:
         """Precomputed embeddings from the batch if present, else the frozen text encoders on ``batch['prompt']``."""
         if 'prompt_embeds' in batch:
-            return {k: batch[k] for k in CONDITIONING_KEYS if k in batch}
+            cond = {k: batch[k] for k in CONDITIONING_KEYS if k in batch}
+            self._check_embeddings(cond)
+            return cond
+        if self.conditioner is None:
+            raise KeyError("the batch has no precomputed 'prompt_embeds' and this model has no text encoders "
+                           '(built with model.text_encoders=false): train on dataset.kind=precomputed data (see '
+                           f'data_prep/precompute.py) or set model.text_encoders=true (batch keys: {sorted(batch)})')
         if 'prompt' not in batch:
             raise KeyError(f"batch has neither 'prompt' nor precomputed 'prompt_embeds' (keys: {sorted(batch)})")
         return self.conditioner(list(batch['prompt']))
 
+    def _check_embeddings(self, cond: Conditioning) -> None:
+        """Precomputed embeddings must fit the teacher (``joint_attention_dim``, ``pooled_projection_dim``)."""
+        config = self.teacher.config
+        expected = {'prompt_embeds': getattr(config, 'joint_attention_dim', None),
+                    'negative_prompt_embeds': getattr(config, 'joint_attention_dim', None),
+                    'pooled_prompt_embeds': getattr(config, 'pooled_projection_dim', None),
+                    'negative_pooled_prompt_embeds': getattr(config, 'pooled_projection_dim', None)}
+        for key, value in cond.items():
+            dim = expected.get(key)
+            ndim = 3 if key.endswith('prompt_embeds') and 'pooled' not in key else 2
+            if dim is not None and (value.ndim != ndim or value.shape[-1] != dim):
+                raise ValueError(f'precomputed {key} has shape {tuple(value.shape)} but the {self.family.name} '
+                                 f'teacher takes (batch, {"tokens, " if ndim == 3 else ""}{dim}): the data was '
+                                 'precomputed for another family or model')
+        if 'pooled_prompt_embeds' not in cond:
+            raise KeyError("precomputed conditioning has 'prompt_embeds' but no 'pooled_prompt_embeds'")
+
     def real_latents(self, batch: dict[str, Any]) -> Optional[torch.Tensor]:
         """Latents of the batch's real images (precomputed ``latents`` or VAE-encoded ``image``), else ``None``."""
         if 'latents' in batch:
-            return batch['latents'].float()
+            latents = batch['latents']
+            if tuple(latents.shape[1:]) != tuple(self.latent_shape):
+                raise ValueError(f'precomputed latents have shape {tuple(latents.shape[1:])} per sample but this '
+                                 f'model trains at resolution {self.resolution} with latents {self.latent_shape}: '
+                                 'precompute at the training resolution with the same VAE')
+            return latents.float()
         if 'image' in batch:
+            if getattr(self.vae, 'encoder', None) is None:
+                raise RuntimeError("the batch has images but no precomputed 'latents', and the VAE encoder was not "
+                                   'loaded (model.vae_encoder=false): train on dataset.kind=precomputed data with '
+                                   'latents or set model.vae_encoder=true')
             with torch.no_grad():
                 return self.family.encode_images(self.vae, batch['image'])
         return None

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ['Components', 'ModelFamily', 'Conditioning', 'UNIFORM_ANCHORS']
+__all__ = ['Components', 'ModelFamily', 'Conditioning', 'UNIFORM_ANCHORS', 'drop_vae_encoder']
 
 #: The four generator timesteps before each family's shift.
 UNIFORM_ANCHORS = (1.0, 0.75, 0.5, 0.25)
@@ -33,14 +33,23 @@ class Components:
         teacher: The frozen teacher network (FLUX keeps its guidance embedding).
         student: The network generator and fake score are copied from (FLUX: without guidance embedding).
         vae: The frozen autoencoder.
-        conditioner: Frozen text encoders and tokenizers as one module: ``conditioner(prompts) -> Conditioning``.
+        conditioner: Frozen text encoders and tokenizers as one module: ``conditioner(prompts) -> Conditioning``;
+            ``None`` when built without text encoders (training on precomputed embeddings).
         scheduler_config: The teacher scheduler's config (for export).
     """
     teacher: nn.Module
     student: nn.Module
     vae: nn.Module
-    conditioner: nn.Module
+    conditioner: Optional[nn.Module]
     scheduler_config: dict
+
+
+def drop_vae_encoder(vae: nn.Module) -> nn.Module:
+    """Remove the encoder half of an ``AutoencoderKL`` (training on precomputed latents needs only the decoder)."""
+    vae.encoder = None
+    if getattr(vae, 'quant_conv', None) is not None:
+        vae.quant_conv = None
+    return vae
 
 
 class ModelFamily(abc.ABC):
@@ -59,12 +68,27 @@ class ModelFamily(abc.ABC):
 
     @abc.abstractmethod
     def load_components(self, pretrained: str, torch_dtype: torch.dtype = torch.float32,
-                        teacher_dtype: Optional[torch.dtype] = None, revision: Optional[str] = None) -> Components:
-        """Load every component with ``from_pretrained`` from a hub id or a local diffusers folder."""
+                        teacher_dtype: Optional[torch.dtype] = None, revision: Optional[str] = None,
+                        text_encoders: bool = True, vae_encoder: bool = True) -> Components:
+        """Load every component with ``from_pretrained`` from a hub id or a local diffusers folder.
+
+        ``text_encoders=False`` loads no text encoder (``conditioner=None``); ``vae_encoder=False`` drops the VAE's
+        encoder: for training on precomputed embeddings and latents.
+        """
 
     @abc.abstractmethod
-    def tiny_components(self, seed: int = 0) -> Components:
-        """Random-weight tiny components of the same classes, for CPU tests and demos."""
+    def tiny_components(self, seed: int = 0, text_encoders: bool = True, vae_encoder: bool = True) -> Components:
+        """Random-weight tiny components of the same classes, for CPU tests and demos (flags as above)."""
+
+    def load_encoders(self, pretrained: str, torch_dtype: torch.dtype = torch.float32,
+                      revision: Optional[str] = None) -> tuple[nn.Module, nn.Module]:
+        """Only the conditioner and the VAE (``data_prep/precompute.py``), no transformer."""
+        raise NotImplementedError(f'{type(self).__name__} does not implement load_encoders (needed to precompute)')
+
+    def tiny_encoders(self, seed: int = 0) -> tuple[nn.Module, nn.Module]:
+        """The conditioner and VAE of :meth:`tiny_components` (same weights for the same seed)."""
+        components = self.tiny_components(seed=seed)
+        return components.conditioner, components.vae
 
     # -- schedule -----------------------------------------------------------------------------------------------------
 

@@ -8,7 +8,13 @@ import torch
 from torch import nn
 
 from senseflow_algos import flow
-from senseflow_algos.models.families.base import Components, Conditioning, ModelFamily, shifted_anchors
+from senseflow_algos.models.families.base import (
+    Components,
+    Conditioning,
+    ModelFamily,
+    drop_vae_encoder,
+    shifted_anchors,
+)
 
 __all__ = ['FluxFamily', 'FluxConditioner', 'without_guidance_embedding', 'pack_latents', 'unpack_latents']
 
@@ -103,9 +109,9 @@ class FluxFamily(ModelFamily):
 
     # -- loading ------------------------------------------------------------------------------------------------------
 
-    def load_components(self, pretrained, torch_dtype=torch.float32, teacher_dtype=None, revision=None):
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+    def load_components(self, pretrained, torch_dtype=torch.float32, teacher_dtype=None, revision=None,
+                        text_encoders=True, vae_encoder=True):
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
         kw = dict(revision=revision)
         teacher = FluxTransformer2DModel.from_pretrained(pretrained, subfolder='transformer',
@@ -113,31 +119,48 @@ class FluxFamily(ModelFamily):
         if not teacher.config.guidance_embeds:
             raise ValueError(f"model.pretrained={pretrained!r}: the FLUX teacher has no guidance embedding "
                              '(guidance_embeds=false); a guidance-distilled FLUX.1-dev teacher is expected.')
-        conditioner = FluxConditioner(
+        vae = self._load_vae(pretrained, torch_dtype, revision)
+        return Components(
+            teacher=teacher,
+            student=without_guidance_embedding(teacher, torch_dtype),
+            vae=vae if vae_encoder else drop_vae_encoder(vae),
+            conditioner=self._load_conditioner(pretrained, torch_dtype, revision) if text_encoders else None,
+            scheduler_config=dict(FlowMatchEulerDiscreteScheduler.load_config(pretrained, subfolder='scheduler',
+                                                                              **kw)),
+        )
+
+    def _load_conditioner(self, pretrained, torch_dtype, revision):
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        kw = dict(revision=revision)
+        return FluxConditioner(
             CLIPTextModel.from_pretrained(pretrained, subfolder='text_encoder', torch_dtype=torch_dtype, **kw),
             AutoTokenizer.from_pretrained(pretrained, subfolder='tokenizer', **kw),
             T5EncoderModel.from_pretrained(pretrained, subfolder='text_encoder_2', torch_dtype=torch_dtype, **kw),
             AutoTokenizer.from_pretrained(pretrained, subfolder='tokenizer_2', **kw),
             max_sequence_length=self.max_sequence_length)
-        return Components(
-            teacher=teacher,
-            student=without_guidance_embedding(teacher, torch_dtype),
-            vae=AutoencoderKL.from_pretrained(pretrained, subfolder='vae', torch_dtype=torch_dtype, **kw),
-            conditioner=conditioner,
-            scheduler_config=dict(FlowMatchEulerDiscreteScheduler.load_config(pretrained, subfolder='scheduler',
-                                                                              **kw)),
-        )
 
-    def tiny_components(self, seed=0):
+    @staticmethod
+    def _load_vae(pretrained, torch_dtype, revision):
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(pretrained, subfolder='vae', torch_dtype=torch_dtype, revision=revision)
+
+    def load_encoders(self, pretrained, torch_dtype=torch.float32, revision=None):
+        return self._load_conditioner(pretrained, torch_dtype, revision), self._load_vae(pretrained, torch_dtype,
+                                                                                         revision)
+
+    def tiny_components(self, seed=0, text_encoders=True, vae_encoder=True):
         from senseflow_algos.models.tiny import build_tiny_flux_pipeline
 
         pipe = build_tiny_flux_pipeline(seed=seed)
+        conditioner = FluxConditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
+                                      max_sequence_length=pipe.tokenizer_2.model_max_length)
         return Components(
             teacher=pipe.transformer,
             student=without_guidance_embedding(pipe.transformer),
-            vae=pipe.vae,
-            conditioner=FluxConditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
-                                        max_sequence_length=pipe.tokenizer_2.model_max_length),
+            vae=pipe.vae if vae_encoder else drop_vae_encoder(pipe.vae),
+            conditioner=conditioner if text_encoders else None,
             scheduler_config=dict(pipe.scheduler.config),
         )
 

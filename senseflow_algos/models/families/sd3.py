@@ -7,7 +7,13 @@ import copy
 import torch
 
 from senseflow_algos import flow
-from senseflow_algos.models.families.base import Components, Conditioning, ModelFamily, shifted_anchors
+from senseflow_algos.models.families.base import (
+    Components,
+    Conditioning,
+    ModelFamily,
+    drop_vae_encoder,
+    shifted_anchors,
+)
 
 __all__ = ['SD3Family', 'SD3Conditioner']
 
@@ -69,44 +75,61 @@ class SD3Family(ModelFamily):
 
     # -- loading ------------------------------------------------------------------------------------------------------
 
-    def load_components(self, pretrained, torch_dtype=torch.float32, teacher_dtype=None, revision=None):
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+    def load_components(self, pretrained, torch_dtype=torch.float32, teacher_dtype=None, revision=None,
+                        text_encoders=True, vae_encoder=True):
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
         kw = dict(revision=revision)
         teacher = SD3Transformer2DModel.from_pretrained(pretrained, subfolder='transformer',
                                                         torch_dtype=teacher_dtype or torch_dtype, **kw)
         student = copy.deepcopy(teacher).to(torch_dtype)
+        vae = self._load_vae(pretrained, torch_dtype, revision)
+        return Components(
+            teacher=teacher,
+            student=student,
+            vae=vae if vae_encoder else drop_vae_encoder(vae),
+            conditioner=self._load_conditioner(pretrained, torch_dtype, revision) if text_encoders else None,
+            scheduler_config=dict(FlowMatchEulerDiscreteScheduler.load_config(pretrained, subfolder='scheduler',
+                                                                              **kw)),
+        )
+
+    def _load_conditioner(self, pretrained, torch_dtype, revision):
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+        kw = dict(revision=revision)
 
         def clip(sub):
             return CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder=sub, torch_dtype=torch_dtype, **kw)
 
-        conditioner = SD3Conditioner(
+        return SD3Conditioner(
             clip('text_encoder'), AutoTokenizer.from_pretrained(pretrained, subfolder='tokenizer', **kw),
             clip('text_encoder_2'), AutoTokenizer.from_pretrained(pretrained, subfolder='tokenizer_2', **kw),
             T5EncoderModel.from_pretrained(pretrained, subfolder='text_encoder_3', torch_dtype=torch_dtype, **kw),
             AutoTokenizer.from_pretrained(pretrained, subfolder='tokenizer_3', **kw),
             max_sequence_length=self.max_sequence_length)
-        return Components(
-            teacher=teacher,
-            student=student,
-            vae=AutoencoderKL.from_pretrained(pretrained, subfolder='vae', torch_dtype=torch_dtype, **kw),
-            conditioner=conditioner,
-            scheduler_config=dict(FlowMatchEulerDiscreteScheduler.load_config(pretrained, subfolder='scheduler',
-                                                                              **kw)),
-        )
 
-    def tiny_components(self, seed=0):
+    @staticmethod
+    def _load_vae(pretrained, torch_dtype, revision):
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(pretrained, subfolder='vae', torch_dtype=torch_dtype, revision=revision)
+
+    def load_encoders(self, pretrained, torch_dtype=torch.float32, revision=None):
+        return self._load_conditioner(pretrained, torch_dtype, revision), self._load_vae(pretrained, torch_dtype,
+                                                                                         revision)
+
+    def tiny_components(self, seed=0, text_encoders=True, vae_encoder=True):
         from senseflow_algos.models.tiny import build_tiny_sd3_pipeline
 
         pipe = build_tiny_sd3_pipeline(seed=seed)
+        conditioner = SD3Conditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
+                                     pipe.text_encoder_3, pipe.tokenizer_3,
+                                     max_sequence_length=pipe.tokenizer_3.model_max_length)
         return Components(
             teacher=pipe.transformer,
             student=copy.deepcopy(pipe.transformer),
-            vae=pipe.vae,
-            conditioner=SD3Conditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
-                                       pipe.text_encoder_3, pipe.tokenizer_3,
-                                       max_sequence_length=pipe.tokenizer_3.model_max_length),
+            vae=pipe.vae if vae_encoder else drop_vae_encoder(pipe.vae),
+            conditioner=conditioner if text_encoders else None,
             scheduler_config=dict(pipe.scheduler.config),
         )
 
