@@ -8,7 +8,7 @@ from composer.core import Event
 from torch.utils.data import DataLoader
 
 from senseflow_algos.algorithms import VFMDiscriminator
-from senseflow_algos.functional import discriminator_logits, hinge_g_loss
+from senseflow_algos.functional import discriminator_logits, hinge_g_loss, reference_features
 from tests.algorithms.conftest import EventRecorder, LossRecorder, snapshot, tiny_config
 
 TINY_VFM = {
@@ -74,7 +74,8 @@ def test_generator_term_gradient_reaches_pixels_not_backbone():
 
     def pixel_grad(weight):
         pixels = images.clone().requires_grad_(True)
-        logits = discriminator_logits(backbone, heads, pixels, text, ref, 'color,translation,cutout',
+        logits = discriminator_logits(backbone, heads, pixels, text, reference_features(backbone, ref),
+                                      'color,translation,cutout',
                                       torch.Generator().manual_seed(0))
         hinge_g_loss(logits, weight).backward()
         return pixels.grad

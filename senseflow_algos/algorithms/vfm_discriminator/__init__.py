@@ -7,9 +7,10 @@ from senseflow_algos.algorithms.vfm_discriminator.diffaug import diff_augment
 from senseflow_algos.algorithms.vfm_discriminator.losses import hinge_d_loss, hinge_g_loss
 from senseflow_algos.algorithms.vfm_discriminator.network import (DEFAULT_VFM_MODEL, DiscriminatorHead, VFMBackbone,
                                                                    VFMDiscriminatorHeads)
-from senseflow_algos.algorithms.vfm_discriminator.vfm_discriminator import VFMDiscriminator, discriminator_logits
+from senseflow_algos.algorithms.vfm_discriminator.vfm_discriminator import (VFMDiscriminator, discriminator_logits,
+                                                                             reference_features)
 
 __all__ = [
-    'VFMDiscriminator', 'discriminator_logits', 'diff_augment', 'hinge_d_loss', 'hinge_g_loss', 'VFMBackbone',
+    'VFMDiscriminator', 'discriminator_logits', 'reference_features', 'diff_augment', 'hinge_d_loss', 'hinge_g_loss', 'VFMBackbone',
     'VFMDiscriminatorHeads', 'DiscriminatorHead', 'DEFAULT_VFM_MODEL'
 ]

@@ -15,25 +15,30 @@ from senseflow_algos.algorithms.vfm_discriminator.network import (DEFAULT_VFM_MO
                                                                    VFMDiscriminatorHeads, fitting_downsamples)
 from senseflow_algos.models.dmd import CRITIC_PHASE, GENERATOR_PHASE, DMDModel
 
-__all__ = ['VFMDiscriminator', 'discriminator_logits']
+__all__ = ['VFMDiscriminator', 'discriminator_logits', 'reference_features']
 
 #: Names under which the discriminator joins the DMD model.
 BACKBONE_ATTR, HEADS_ATTR = 'vfm_backbone', 'discriminator'
 
 
 def discriminator_logits(backbone: VFMBackbone, heads: VFMDiscriminatorHeads, images: torch.Tensor,
-                         text: torch.Tensor, reference: torch.Tensor, augment: Optional[str] = None,
+                         text: torch.Tensor, ref_features: Sequence[torch.Tensor], augment: Optional[str] = None,
                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Logits ``(B, N)`` of the heads for ``images`` in [-1, 1], conditioned on ``text`` and the reference images.
+    """Logits ``(B, N)`` of the heads for ``images`` in [-1, 1], conditioned on ``text`` and reference features.
 
-    The reference images go through the frozen backbone without gradient and without augmentation; ``images``
-    are DiffAugmented (if ``augment`` is a policy) and keep their gradient path through the backbone.
+    ``images`` are DiffAugmented (if ``augment`` is a policy) and keep their gradient path through the frozen
+    backbone. ``ref_features`` are the backbone's features of the paired real images, computed once per batch
+    without gradient or augmentation (:func:`reference_features`).
     """
-    with torch.no_grad():
-        ref_features = backbone(reference)
     if augment:
         images = diff_augment(images, augment, generator=generator)
     return heads(backbone(images), text, ref_features)
+
+
+@torch.no_grad()
+def reference_features(backbone: VFMBackbone, real: torch.Tensor) -> list[torch.Tensor]:
+    """Backbone features of the real images that condition the heads (no gradient, no augmentation)."""
+    return backbone(real)
 
 
 class VFMDiscriminator(Algorithm):
@@ -112,11 +117,14 @@ class VFMDiscriminator(Algorithm):
         text = out['cond']['pooled_prompt_embeds'].float()
         backbone, heads = getattr(model, BACKBONE_ATTR), getattr(model, HEADS_ATTR)
         real = real.float()
+        # The reference features of a batch are computed once; the critic phase of a generator batch reuses them.
+        if 'vfm_reference' not in out:
+            out['vfm_reference'] = reference_features(backbone, real)
+        ref = out['vfm_reference']
         if model.phase == GENERATOR_PHASE.name:
             pixels = model.family.decode_latents(model.vae, out['x0'])  # with gradient into the generator
             out['pixels'] = pixels  # the critic phase of this batch reuses it, detached
-            logits = discriminator_logits(backbone, heads, pixels, text, real, self.augment,
-                                          model.rng('vfm_generator'))
+            logits = discriminator_logits(backbone, heads, pixels, text, ref, self.augment, model.rng('vfm_generator'))
             model.add_loss_term(state.loss, 'generator/adversarial', hinge_g_loss(logits, weight),
                                 self.generator_weight)
             return None
@@ -126,8 +134,8 @@ class VFMDiscriminator(Algorithm):
             with torch.no_grad():
                 pixels = model.family.decode_latents(model.vae, out['x0'].detach())
         gen = model.rng('vfm_discriminator')
-        logits_fake = discriminator_logits(backbone, heads, pixels, text, real, self.augment, gen)
-        logits_real = discriminator_logits(backbone, heads, real, text, real, self.augment, gen)
+        logits_fake = discriminator_logits(backbone, heads, pixels, text, ref, self.augment, gen)
+        logits_real = discriminator_logits(backbone, heads, real, text, ref, self.augment, gen)
         model.add_loss_term(state.loss, 'discriminator/hinge', hinge_d_loss(logits_real, logits_fake, weight))
         return None
 
