@@ -1,0 +1,151 @@
+"""Step cost of the tiny FLUX config on the CPU: seconds per generator update and forward/backward passes of every
+network per generator update, with online encoding and with precomputed embeddings and latents.
+
+The pass counts are compared with the minimum the method needs (computed from the batches' own backward-simulation
+draws): a mismatch means a network ran where nothing used it, or fixed data was re-encoded.
+
+    python bench/step_cost.py [--cycles 3]
+
+Writes ``bench/results/step_cost.md`` and ``bench/results/step_cost.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from composer.core import Callback, Event
+from torch.utils.data import DataLoader
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from senseflow_algos.builders import build_trainer  # noqa: E402
+from senseflow_algos.config import load_config  # noqa: E402
+
+GEN_EVERY = 5
+
+
+class PassCounter(Callback):
+    """Counts forwards (and backwards through outputs that need grad) of named submodules; records generator inputs."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.forward, self.backward, self.draws = Counter(), Counter(), []
+        for name, module in modules.items():
+            module.register_forward_hook(self._hook(name))
+
+    def _hook(self, name):
+
+        def hook(module, args, output):
+            self.forward[name] += 1
+            out = output[0] if isinstance(output, (tuple, list)) else getattr(output, 'sample', output)
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            if torch.is_tensor(out) and out.requires_grad:
+                out.register_hook(lambda grad: self.backward.update([name]))
+
+        return hook
+
+    def run_event(self, event, state, logger):
+        if event == Event.AFTER_FORWARD and state.outputs is not None and state.model.phase == 'generator' or (
+                event == Event.AFTER_FORWARD and not state.model.is_generator_batch()):
+            out = state.outputs
+            self.draws.append((bool(out['backward_simulation']), int(out['anchor_index'][0])))
+
+
+def minimum_passes(draws: list[tuple[bool, int]], precomputed: bool) -> dict[str, tuple[int, int]]:
+    """(forwards, backwards) per network that one TTUR cycle needs: 1 generator batch + GEN_EVERY - 1 critic batches."""
+    backsim_calls = sum(k for backsim, k in draws if backsim)
+    real_batches = sum(1 for backsim, _ in draws if not backsim)
+    n = len(draws)
+    return {
+        'generator': (backsim_calls + n + 1, 1),  # rollout, one step per batch, ISG's no-grad step; one backward
+        'teacher': (2, 0),  # DMD real score + ISG teacher step
+        'fake_score': (1 + n, n),  # DMD fake score + its own loss every batch
+        'vae_encoder': (0 if precomputed else real_batches, 0),
+        'vae_decoder': (n, 1),  # generator batch: one decode with grad, reused detached by the critic
+        'text_encoders': (0 if precomputed else 2 * n, 0),  # CLIP + T5, once per batch
+        'vfm_backbone': (4 + 3 * (n - 1), 1),  # reference once per batch, fake (x2 on the generator batch), real
+        'vfm_heads': (3 + 2 * (n - 1), 1 + 2 * n),
+    }
+
+
+def run(precomputed: bool, cycles: int) -> dict:
+    overrides = ['trainer.progress_bar=false', f'model.gen_every={GEN_EVERY}', f'trainer.max_duration={GEN_EVERY * cycles}ba',
+                 'dataset.global_batch_size=2', 'model.backsim_prob=0.5']
+    cfg = load_config(REPO / 'yamls' / 'tiny_flux.yaml', overrides)
+    trainer = build_trainer(cfg)
+    model = trainer.state.model
+    cond = model.conditioner
+    counter = PassCounter({
+        'generator': model.generator, 'teacher': model.teacher, 'fake_score': model.fake_score,
+        'vae_encoder': model.vae.encoder, 'vae_decoder': model.vae.decoder, 'text_clip': cond.text_encoder,
+        'text_t5': cond.text_encoder_2, 'vfm_backbone': model.vfm_backbone, 'vfm_heads': model.discriminator})
+    trainer.state.callbacks.append(counter)
+    loader = trainer.state.train_dataloader
+    if precomputed:
+        batches = []
+        with torch.no_grad():
+            for batch, _ in zip(loader, range(GEN_EVERY * cycles)):
+                c = cond(batch['prompt'])
+                batches.append({**c, 'latents': model.family.encode_images(model.vae, batch['image']),
+                                'image': batch['image']})
+        counter.forward.clear()
+        counter.backward.clear()
+        loader = DataLoader(batches, batch_size=None)
+    start = time.perf_counter()
+    trainer.fit(train_dataloader=loader if precomputed else None)
+    seconds = time.perf_counter() - start
+    trainer.close()
+    fwd = dict(counter.forward)
+    fwd['text_encoders'] = fwd.pop('text_clip', 0) + fwd.pop('text_t5', 0)
+    bwd = dict(counter.backward)
+    measured = {k: (fwd.get(k, 0) / cycles, bwd.get(k, 0) / cycles) for k in sorted(fwd)}
+    per_cycle_draws = [counter.draws[i * GEN_EVERY:(i + 1) * GEN_EVERY] for i in range(cycles)]
+    minimum = Counter()
+    for draws in per_cycle_draws:
+        for k, (f, b) in minimum_passes(draws, precomputed).items():
+            minimum[(k, 'f')] += f / cycles
+            minimum[(k, 'b')] += b / cycles
+    expected = {k: (minimum[(k, 'f')], minimum[(k, 'b')]) for k in measured}
+    return {'seconds_per_generator_update': seconds / cycles, 'passes': measured, 'minimum': expected,
+            'equal_to_minimum': measured == expected}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--cycles', type=int, default=3, help='TTUR cycles (generator updates) to average over')
+    parser.add_argument('--out', type=Path, default=REPO / 'bench' / 'results', help='results folder')
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    results = {'online': run(False, args.cycles), 'precomputed': run(True, args.cycles)}
+    command = 'python bench/step_cost.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
+    meta = {'command': command.strip(), 'torch': torch.__version__, 'cpu': platform.processor() or platform.machine(),
+            'threads': torch.get_num_threads(), 'gen_every': GEN_EVERY, 'cycles': args.cycles}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / 'step_cost.json').write_text(json.dumps({'meta': meta, 'results': results}, indent=2))
+    lines = [f'# Step cost, tiny FLUX config (CPU)\n', f'Command: `{meta["command"]}`  ',
+             f'torch {meta["torch"]}, {meta["threads"]} threads, TTUR {GEN_EVERY}, {args.cycles} generator updates.\n']
+    for mode, res in results.items():
+        lines += [f'## {mode}\n', f'Seconds per generator update: {res["seconds_per_generator_update"]:.3f}  ',
+                  f'All pass counts equal the method minimum: **{res["equal_to_minimum"]}**\n',
+                  '| network | forwards / update | minimum | backwards / update | minimum |', '|---|---|---|---|---|']
+        for name, (f, b) in res['passes'].items():
+            mf, mb = res['minimum'][name]
+            lines.append(f'| {name} | {f:g} | {mf:g} | {b:g} | {mb:g} |')
+        lines.append('')
+    ratio = results['online']['seconds_per_generator_update'] / results['precomputed']['seconds_per_generator_update']
+    lines.append(f'Online / precomputed time per generator update: {ratio:.2f}x')
+    (args.out / 'step_cost.md').write_text('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+    return 0 if all(r['equal_to_minimum'] for r in results.values()) else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
