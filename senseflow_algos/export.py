@@ -365,14 +365,17 @@ def load_model_from_checkpoint(checkpoint: str | Path, config: Optional[str | Pa
         if cfg['model'].get(key) is False:
             cfg['model'][key] = True
     model = build_model(cfg['model'], seed=cfg.get('seed', 17))
-    result = model.generator.load_state_dict(state, strict=False)
-    mismatch = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(model.generator.state_dict()[k].shape)}'
-                for k, v in state.items()
-                if k in model.generator.state_dict() and v.shape != model.generator.state_dict()[k].shape]
-    if result.missing_keys or result.unexpected_keys or mismatch:
-        raise ExportError(f'generator weights of {path} do not fit the model built from {config}: missing '
-                          f'{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}, shape mismatches '
-                          f'{mismatch[:5]}')
+    own = model.generator.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatch = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}' for k, v in state.items()
+                if k in own and v.shape != own[k].shape]
+    if missing or unexpected or mismatch:
+        raise ExportError(f'generator weights of {path} do not fit the model built from {config} '
+                          f'(model.family={cfg["model"]["family"]}): {len(missing)} missing {missing[:3]}, '
+                          f'{len(unexpected)} unexpected {unexpected[:3]}, {len(mismatch)} shape mismatches '
+                          f'{mismatch[:3]}')
+    model.generator.load_state_dict(state, strict=True)
     return model
 
 
