@@ -118,14 +118,22 @@ class PhasedAdamW(torch.optim.AdamW):
             if self._finite_or_skip(phase):
                 if self.max_grad_norm is not None:
                     for role in phase.roles:
-                        grads = [p for p in self.params_of([role]) if p.grad is not None]
-                        if grads:
-                            torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
+                        self._clip(role)
                 super().step()
             self.controller.end_phase(phase)
         self.controller.end_batch()
         self._init_missing_state()
         return loss
+
+    def _clip(self, role: str) -> None:
+        """Clip one role's gradients to ``max_grad_norm`` (through the controller when it owns the network: an FSDP
+        root must compute the norm across shards)."""
+        clip = getattr(self.controller, 'clip_grad_norm', None)
+        if clip is not None and clip(role, self.max_grad_norm):
+            return
+        grads = [p for p in self.params_of([role]) if p.grad is not None]
+        if grads:
+            torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
 
     def _finite_or_skip(self, phase: Phase) -> bool:
         """``True`` if every gradient of the phase is finite; else raise (``stop``) or drop them and count (``skip``)."""
