@@ -74,6 +74,14 @@ def build_dataloader(dataset_cfg: dict[str, Any], resolution: int, seed: int) ->
         from senseflow_algos.shapes.world import build_shapes_dataloader
 
         return build_shapes_dataloader(batch_size=global_batch // world, resolution=resolution, seed=seed, **cfg)
+    if kind in ('image_caption', 'precomputed', 'prompts'):
+        from senseflow_algos.data.streaming import build_streaming_dataloader
+
+        if 'num_samples' in cfg:
+            raise ValueError(f'dataset.num_samples is for the synthetic kinds; dataset.kind={kind} streams the whole '
+                             'dataset (use dataset.streaming_kwargs.epoch_size to resize an epoch)')
+        return build_streaming_dataloader(kind, batch_size=global_batch // world, resolution=resolution, seed=seed,
+                                          **cfg)
     raise ValueError(f'dataset.kind={kind!r} is not supported')
 
 
