@@ -77,9 +77,10 @@ def build_dataloader(dataset_cfg: dict[str, Any], resolution: int, seed: int) ->
     if kind in ('image_caption', 'precomputed', 'prompts'):
         from senseflow_algos.data.streaming import build_streaming_dataloader
 
-        if 'num_samples' in cfg:
+        if cfg.pop('num_samples', None) is not None:
             raise ValueError(f'dataset.num_samples is for the synthetic kinds; dataset.kind={kind} streams the whole '
-                             'dataset (use dataset.streaming_kwargs.epoch_size to resize an epoch)')
+                             'dataset: set dataset.num_samples=null (use dataset.streaming_kwargs.epoch_size to '
+                             'resize an epoch)')
         return build_streaming_dataloader(kind, batch_size=global_batch // world, resolution=resolution, seed=seed,
                                           **cfg)
     raise ValueError(f'dataset.kind={kind!r} is not supported')

@@ -11,7 +11,9 @@ import pytest
 import torch
 from composer.core import Callback
 
-from tests.data.conftest import NUM_IMAGES, read_dataset
+from tests.data.conftest import NUM_IMAGES, REPO, read_dataset
+
+REPO_YAMLS = REPO / 'yamls'
 
 
 class BatchRecorder(Callback):
@@ -148,3 +150,21 @@ def test_prompt_only_data_trains_by_backward_simulation(make_trainer, tmp_path, 
     with pytest.raises(KeyError, match="VFMDiscriminator needs real images"):
         trainer.fit()
     trainer.close()
+
+
+def test_production_config_switches_to_precomputed_by_overrides(precomputed):
+    """The README's override set turns yamls/flux.yaml (synthetic data) into a precomputed-MDS run."""
+    from senseflow_algos.builders import build_dataloader
+    from senseflow_algos.config import load_config, validate_config
+
+    cfg = load_config(REPO_YAMLS / 'flux.yaml', [
+        'dataset.kind=precomputed', f'dataset.remote={precomputed("flux")}', 'dataset.num_samples=null',
+        'model.text_encoders=false', 'model.vae_encoder=false', 'model.resolution=32',
+        'dataset.streaming_kwargs.num_canonical_nodes=1'])
+    validate_config(cfg)
+    loader = build_dataloader(cfg['dataset'], resolution=cfg['model']['resolution'], seed=cfg['seed'])
+    assert loader.batch_size == 8
+    assert loader.dataset.kind == 'precomputed' and loader.dataset.shuffle
+    cfg['dataset']['num_samples'] = 100
+    with pytest.raises(ValueError, match='dataset.num_samples=null'):
+        build_dataloader(cfg['dataset'], resolution=32, seed=0)
