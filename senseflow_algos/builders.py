@@ -12,15 +12,18 @@ from composer.loggers import LoggerDestination, WandBLogger
 from composer.optim import (ConstantScheduler, ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler,
                             LinearWithWarmupScheduler)
 from composer.utils import dist
+import torch
 from torch.utils.data import DataLoader
 
 from senseflow_algos.algorithms.ida import ImplicitDistributionAlignment
 from senseflow_algos.algorithms.isg import IntraSegmentGuidance
 from senseflow_algos.algorithms.vfm_discriminator import VFMDiscriminator
 from senseflow_algos.callbacks import ExportPipeline, SampleGrid
+from senseflow_algos.checkpointing import install_atomic_checkpoint_writes
 from senseflow_algos.data import build_synthetic_dataloader
 from senseflow_algos.models.dmd import DMDModel
 from senseflow_algos.models.factory import build_dmd_model
+from senseflow_algos.models.fsdp import prepare_for_fsdp
 from senseflow_algos.optim import PhasedAdamW
 
 __all__ = [
@@ -140,11 +143,17 @@ def build_loggers(loggers_cfg: dict[str, Any] | None, full_cfg: dict[str, Any]) 
 def build_trainer(cfg: dict[str, Any]) -> Trainer:
     """Build everything a validated run config describes and return the Composer ``Trainer``."""
     seed = cfg.get('seed', 17)
+    install_atomic_checkpoint_writes()
     # Cheap objects first: a bad algorithm or callback setting fails before a teacher is loaded.
     algorithms = build_algorithms(cfg.get('algorithms'))
     callbacks = build_callbacks(cfg.get('callbacks'))
     loggers = build_loggers(cfg.get('loggers'), cfg)
     model = build_model(cfg['model'], seed=seed)
+    if (cfg['trainer'].get('parallelism_config') or {}).get('fsdp') is not None:
+        if not torch.cuda.is_available():
+            raise ValueError('trainer.parallelism_config.fsdp needs CUDA devices; set trainer.parallelism_config=null '
+                             'to train without FSDP on this machine')
+        prepare_for_fsdp(model, torch.device('cuda', dist.get_local_rank()))
     dataloader = build_dataloader(cfg['dataset'], resolution=cfg['model']['resolution'], seed=seed)
     optimizer = build_optimizer(cfg['optimizer'], model)
     scheduler = build_scheduler(cfg.get('scheduler'))

@@ -122,6 +122,23 @@ class DMDModel(ComposerModel):
             {'params': [p for p in self.fake_score.parameters() if p.requires_grad], 'role': 'fake_score'},
         ]
 
+    #: Param-group role -> child network.
+    ROLE_MODULES = {'generator': 'generator', 'fake_score': 'fake_score', 'discriminator': 'discriminator'}
+
+    def clip_grad_norm(self, role: str, max_norm: float) -> bool:
+        """Clip the gradients of ``role``'s network if it is an FSDP1 root (whose norm spans all shards).
+
+        Returns ``False`` when the network is not FSDP1-wrapped, so the optimizer clips its parameters directly
+        (plain tensors, or FSDP2 DTensors whose norm torch already reduces across shards).
+        """
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        net = getattr(self, self.ROLE_MODULES.get(role, ''), None)
+        if isinstance(net, FullyShardedDataParallel):
+            net.clip_grad_norm_(max_norm)
+            return True
+        return False
+
     @property
     def device(self) -> torch.device:
         return self.ttur_step.device
@@ -234,7 +251,6 @@ class DMDModel(ComposerModel):
     def generator_pass(self, batch: dict[str, Any], with_grad: bool) -> dict[str, Any]:
         """Pick the generator input (backward simulation or noised real latents) and take one generator step."""
         cond = self.conditioning(batch)
-        real = self.real_latents(batch)
         n = self.batch_size(batch)
         shape = (n, *self.latent_shape)
         shared, own = self.rng('generator_input', per_rank=False), self.rng('generator_input')
@@ -242,7 +258,8 @@ class DMDModel(ComposerModel):
         def noise():
             return flow.sample_noise(shape, own, device=self.device)
 
-        backsim = real is None or torch.rand(1, generator=shared, device=shared.device).item() < self.backsim_prob
+        has_real = 'latents' in batch or 'image' in batch
+        backsim = not has_real or torch.rand(1, generator=shared, device=shared.device).item() < self.backsim_prob
         if backsim:
             # One anchor for the whole (global) batch, as in DMD2.
             k = int(torch.randint(self.num_anchors, (1,), generator=shared, device=shared.device))
@@ -251,6 +268,8 @@ class DMDModel(ComposerModel):
                                                self.sigmas, k)
             index = torch.full((n,), k, dtype=torch.long, device=self.device)
         else:
+            # Real latents only when they are used: no VAE encode on backward-simulation batches.
+            real = self.real_latents(batch)
             index = torch.randint(self.num_anchors, (n,), generator=own, device=self.device)
             x_t = flow.add_noise(real, noise(), self.sigmas.to(self.device)[index].float())
         sigma = self.sigmas.to(self.device)[index].float()

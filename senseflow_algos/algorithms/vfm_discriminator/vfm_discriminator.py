@@ -157,6 +157,7 @@ class VFMDiscriminator(Algorithm):
             head_kwargs['num_downsample'] = fitting_downsamples(min(backbone.grid_size), head_kwargs['num_downsample'])
             heads = VFMDiscriminatorHeads([backbone.embed_dim] * backbone.num_features_maps, c_dim=text_dim,
                                           **head_kwargs)
+        backbone._fsdp_wrap = False  # frozen and small next to the transformers: replicated on every rank
         setattr(model, BACKBONE_ATTR, backbone.to(model.device))
         setattr(model, HEADS_ATTR, heads.to(model.device))
         model.frozen_modules.append(BACKBONE_ATTR)
