@@ -207,6 +207,9 @@ def export_pipeline(model: 'DMDModel', out: str | Path, method: str = 'renoise',
         raise ExportError(f'model.family={family.name!r} has no diffusers export; known: {sorted(PIPELINE_CLASSES)}')
     if dtype is not None and dtype not in _DTYPES:
         raise ExportError(f'dtype={dtype!r} is not one of {sorted(_DTYPES)}')
+    if model.conditioner is None or getattr(model.vae, 'encoder', True) is None:
+        raise ExportError('a pipeline needs the text encoders and the whole VAE, but this model was built without them '
+                          '(model.text_encoders / model.vae_encoder = false); rebuild it with both set to true')
     out = Path(out)
     sched_cfg = student_scheduler_config(family, model.scheduler_config, method)
     pre_sigmas, mu = pipeline_sigmas(sched_cfg, model.sigmas, model.latent_shape)
