@@ -130,7 +130,7 @@ def main(argv=None) -> int:
             'threads': torch.get_num_threads(), 'gen_every': GEN_EVERY, 'cycles': args.cycles}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / 'step_cost.json').write_text(json.dumps({'meta': meta, 'results': results}, indent=2))
-    lines = [f'# Step cost, tiny FLUX config (CPU)\n', f'Command: `{meta["command"]}`  ',
+    lines = ['# Step cost, tiny FLUX config (CPU)\n', f'Command: `{meta["command"]}`  ',
              f'torch {meta["torch"]}, {meta["threads"]} threads, TTUR {GEN_EVERY}, {args.cycles} generator updates.\n']
     for mode, res in results.items():
         lines += [f'## {mode}\n', f'Seconds per generator update: {res["seconds_per_generator_update"]:.3f}  ',

@@ -3,16 +3,22 @@ callbacks, loggers and the ``Trainer``."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from composer import Trainer
 from composer.callbacks import LRMonitor, MemoryMonitor, OptimizerMonitor, RuntimeEstimator, SpeedMonitor
 from composer.core import Algorithm, Callback
 from composer.loggers import LoggerDestination, WandBLogger
-from composer.optim import (ConstantScheduler, ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler,
-                            LinearWithWarmupScheduler)
+from composer.optim import (
+    ConstantScheduler,
+    ConstantWithWarmupScheduler,
+    CosineAnnealingWithWarmupScheduler,
+    LinearWithWarmupScheduler,
+)
 from composer.utils import dist
-import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from senseflow_algos.algorithms.ida import ImplicitDistributionAlignment
@@ -28,7 +34,7 @@ from senseflow_algos.optim import PhasedAdamW
 
 __all__ = [
     'build_model', 'build_dataloader', 'build_optimizer', 'build_scheduler', 'build_algorithms', 'build_callbacks',
-    'build_loggers', 'build_trainer', 'ALGORITHMS', 'CALLBACKS', 'SCHEDULERS'
+    'build_loggers', 'build_trainer', 'save_run_config', 'ALGORITHMS', 'CALLBACKS', 'SCHEDULERS'
 ]
 
 #: ``algorithms:`` YAML key -> Algorithm class (kwargs from YAML).
@@ -157,7 +163,7 @@ def build_trainer(cfg: dict[str, Any]) -> Trainer:
     dataloader = build_dataloader(cfg['dataset'], resolution=cfg['model']['resolution'], seed=seed)
     optimizer = build_optimizer(cfg['optimizer'], model)
     scheduler = build_scheduler(cfg.get('scheduler'))
-    return Trainer(
+    trainer = Trainer(
         model=model,
         train_dataloader=dataloader,
         optimizers=optimizer,
@@ -169,3 +175,16 @@ def build_trainer(cfg: dict[str, Any]) -> Trainer:
         seed=seed,
         **cfg['trainer'],
     )
+    save_run_config(cfg, trainer)
+    return trainer
+
+
+def save_run_config(cfg: dict[str, Any], trainer: Trainer) -> None:
+    """Write the resolved run config as ``run_config.yaml`` into a local save folder (rank 0), so ``export.py`` and
+    later tools rebuild exactly this model from a checkpoint."""
+    folder = cfg['trainer'].get('save_folder')
+    if not folder or '://' in folder or dist.get_global_rank() != 0:
+        return
+    folder = Path(folder.replace('{run_name}', trainer.state.run_name))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / 'run_config.yaml').write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
