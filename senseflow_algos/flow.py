@@ -172,11 +172,13 @@ def sample_logit_normal(n: int, generator: Optional[torch.Generator], mean: floa
 def dmd_gradient(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
     """DMD's normalised distribution-matching gradient ``(x0_fake - x0_real) / mean_CHW |x0 - x0_real|``.
 
-    The normaliser is per sample, over every non-batch dimension; NaNs (an all-zero normaliser) become 0.
+    The normaliser is per sample, over every non-batch dimension. A sample whose x0 already equals the teacher's
+    estimate (normaliser 0) gets no gradient, rather than DMD2's ``nan_to_num`` of an infinity.
     """
     dims = tuple(range(1, x0.ndim))
     norm = (x0 - x0_real).abs().mean(dim=dims, keepdim=True)
-    return torch.nan_to_num((x0_fake - x0_real) / norm)
+    return torch.where(norm > 0, (x0_fake - x0_real) / norm.clamp_min(torch.finfo(norm.dtype).tiny),
+                       torch.zeros_like(x0))
 
 
 def dmd_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
