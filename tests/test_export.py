@@ -3,6 +3,8 @@
 ``DiffusionPipeline.from_pretrained`` and sampled in 4 steps: the same images as the in-repo sampler."""
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -199,9 +201,15 @@ def test_export_errors_name_the_problem(run, tmp_path):
     empty.mkdir()
     with pytest.raises(ExportError, match='no latest-rank0.pt'):
         resolve_checkpoint(empty)
-    # No --config and no run_config.yaml: the error says what to pass and which YAML has that run_name.
+    # Training saved run_config.yaml next to the checkpoints, so no --config is needed.
+    assert (run['folder'] / 'run_config.yaml').is_file()
+    assert load_model_from_checkpoint(run['folder']).family.name == run['family']
+    # Without it, the error says what to pass and which YAML has that run_name.
+    bare = tmp_path / 'bare'
+    bare.mkdir()
+    shutil.copy(os.path.realpath(run['folder'] / 'latest-rank0.pt'), bare / 'latest-rank0.pt')
     with pytest.raises(ExportError, match=r"--config.*tiny-" + run['family']):
-        load_model_from_checkpoint(run['folder'])
+        load_model_from_checkpoint(bare)
     if run['family'] == 'sd35':  # weights that do not fit the config's model
         with pytest.raises(ExportError, match='do not fit'):
             load_model_from_checkpoint(run['folder'], _yaml('flux'), ['trainer.progress_bar=false'])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,16 @@ WORKER = Path(__file__).with_name('ida_fsdp_worker.py')
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
 def test_ida_shard_local_matches_full_formula():
     env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1'}
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
-                           '29517', str(WORKER)], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+                           str(_free_port()), str(WORKER)], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     match = re.search(r'IDA_FSDP params=(\d+) changed=(\d+) max_abs_err=(\S+)', proc.stdout)
     assert match, proc.stdout
