@@ -8,6 +8,7 @@ import torch
 
 from senseflow_algos.models.dmd import DMDModel
 from senseflow_algos.models.families import get_family
+from senseflow_algos.models.lora import apply_lora
 
 __all__ = ['build_dmd_model', 'build_encoders', 'DTYPES']
 
@@ -18,7 +19,7 @@ def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = No
                     revision: Optional[str] = None, dtype: str = 'fp32', teacher_dtype: Optional[str] = None,
                     gen_every: int = 5, backsim_prob: float = 0.5, dmd_guidance: Sequence[float] = (1.0, 8.0),
                     family_kwargs: Optional[dict[str, Any]] = None, seed: int = 0, text_encoders: bool = True,
-                    vae_encoder: bool = True) -> DMDModel:
+                    vae_encoder: bool = True, lora: Optional[dict[str, Any]] = None) -> DMDModel:
     """Build a DMD model for a teacher family.
 
     Args:
@@ -36,6 +37,9 @@ def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = No
             (``dataset.kind: precomputed``): the model then has no conditioner. Default: ``True``.
         vae_encoder (bool): Keep the VAE's encoder. ``False`` for training on precomputed latents (the decoder
             stays, for the VFM discriminator and sampling). Default: ``True``.
+        lora (dict, optional): Train LoRA adapters of generator and fake score instead of all weights: keyword
+            arguments of :func:`~senseflow_algos.models.lora.apply_lora` (``rank``, ``alpha``, ``target_modules``,
+            ``dropout``). Default: ``None`` (full fine-tuning, as the paper).
     """
     fam = get_family(family, **(family_kwargs or {}))
     if tiny:
@@ -49,6 +53,8 @@ def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = No
                                          revision=revision, text_encoders=text_encoders, vae_encoder=vae_encoder)
     else:
         raise ValueError('set model.pretrained (hub id or local diffusers folder) or model.tiny=true')
+    if lora is not None:
+        apply_lora(components.student, **lora)  # the fake score is copied from the student, adapters included
     return DMDModel(fam, components, resolution=resolution, gen_every=gen_every, backsim_prob=backsim_prob,
                     dmd_guidance=dmd_guidance, seed=seed)
 
