@@ -83,7 +83,18 @@ class ModelFamily(abc.ABC):
     def load_encoders(self, pretrained: str, torch_dtype: torch.dtype = torch.float32,
                       revision: Optional[str] = None) -> tuple[nn.Module, nn.Module]:
         """Only the conditioner and the VAE (``data_prep/precompute.py``), no transformer."""
-        raise NotImplementedError(f'{type(self).__name__} does not implement load_encoders (needed to precompute)')
+        return self._load_conditioner(pretrained, torch_dtype, revision), self._load_vae(pretrained, torch_dtype,
+                                                                                         revision)
+
+    def _load_conditioner(self, pretrained: str, torch_dtype: torch.dtype, revision: Optional[str]) -> nn.Module:
+        """The family's frozen text encoders and tokenizers from a pipeline folder or hub id."""
+        raise NotImplementedError(f'{type(self).__name__} does not implement _load_conditioner (needed to precompute)')
+
+    @staticmethod
+    def _load_vae(pretrained: str, torch_dtype: torch.dtype, revision: Optional[str]) -> nn.Module:
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(pretrained, subfolder='vae', torch_dtype=torch_dtype, revision=revision)
 
     def tiny_encoders(self, seed: int = 0) -> tuple[nn.Module, nn.Module]:
         """The conditioner and VAE of :meth:`tiny_components` (same weights for the same seed)."""

@@ -140,16 +140,6 @@ class FluxFamily(ModelFamily):
             AutoTokenizer.from_pretrained(pretrained, subfolder='tokenizer_2', **kw),
             max_sequence_length=self.max_sequence_length)
 
-    @staticmethod
-    def _load_vae(pretrained, torch_dtype, revision):
-        from diffusers import AutoencoderKL
-
-        return AutoencoderKL.from_pretrained(pretrained, subfolder='vae', torch_dtype=torch_dtype, revision=revision)
-
-    def load_encoders(self, pretrained, torch_dtype=torch.float32, revision=None):
-        return self._load_conditioner(pretrained, torch_dtype, revision), self._load_vae(pretrained, torch_dtype,
-                                                                                         revision)
-
     def tiny_components(self, seed=0, text_encoders=True, vae_encoder=True):
         from senseflow_algos.models.tiny import build_tiny_flux_pipeline
 
