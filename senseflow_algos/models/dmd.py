@@ -122,18 +122,15 @@ class DMDModel(ComposerModel):
             {'params': [p for p in self.fake_score.parameters() if p.requires_grad], 'role': 'fake_score'},
         ]
 
-    #: Param-group role -> child network.
-    ROLE_MODULES = {'generator': 'generator', 'fake_score': 'fake_score', 'discriminator': 'discriminator'}
-
     def clip_grad_norm(self, role: str, max_norm: float) -> bool:
         """Clip the gradients of ``role``'s network if it is an FSDP1 root (whose norm spans all shards).
 
-        Returns ``False`` when the network is not FSDP1-wrapped, so the optimizer clips its parameters directly
-        (plain tensors, or FSDP2 DTensors whose norm torch already reduces across shards).
+        Each role is the child of the same name. Returns ``False`` when it is not FSDP1-wrapped, so the optimizer clips
+        its parameters directly (plain tensors, or FSDP2 DTensors whose norm torch already reduces across shards).
         """
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        net = getattr(self, self.ROLE_MODULES.get(role, ''), None)
+        net = getattr(self, role, None)
         if isinstance(net, FullyShardedDataParallel):
             net.clip_grad_norm_(max_norm)
             return True
