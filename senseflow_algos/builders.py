@@ -3,6 +3,7 @@ callbacks, loggers and the ``Trainer``."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,6 +45,14 @@ ALGORITHMS: dict[str, Callable[..., Algorithm]] = {
     'vfm_discriminator': VFMDiscriminator,
 }
 
+
+def _shapes_report(**kwargs) -> Callback:
+    """The shapes-world end-of-run report (imported lazily: it loads the shipped evaluator)."""
+    from senseflow_algos.shapes.report import ShapesReport
+
+    return ShapesReport(**kwargs)
+
+
 #: ``callbacks:`` YAML key -> Callback class (kwargs from YAML).
 CALLBACKS: dict[str, Callable[..., Callback]] = {
     'speed_monitor': SpeedMonitor,
@@ -53,6 +62,7 @@ CALLBACKS: dict[str, Callable[..., Callback]] = {
     'optimizer_monitor': OptimizerMonitor,
     'sample_grid': SampleGrid,
     'export_pipeline': ExportPipeline,
+    'shapes_report': _shapes_report,
 }
 
 #: ``scheduler.name`` -> Composer scheduler class.
@@ -156,10 +166,13 @@ def build_trainer(cfg: dict[str, Any]) -> Trainer:
     loggers = build_loggers(cfg.get('loggers'), cfg)
     model = build_model(cfg['model'], seed=seed)
     if (cfg['trainer'].get('parallelism_config') or {}).get('fsdp') is not None:
-        if not torch.cuda.is_available():
-            raise ValueError('trainer.parallelism_config.fsdp needs CUDA devices; set trainer.parallelism_config=null '
-                             'to train without FSDP on this machine')
-        prepare_for_fsdp(model, torch.device('cuda', dist.get_local_rank()))
+        if torch.cuda.is_available():
+            prepare_for_fsdp(model, torch.device('cuda', dist.get_local_rank()))
+        elif os.environ.get('FSDP_VERSION') == '2':  # FSDP2 also shards on CPU processes (gloo), e.g. in tests
+            prepare_for_fsdp(model, torch.device('cpu'))
+        else:
+            raise ValueError('trainer.parallelism_config.fsdp needs CUDA devices (or FSDP_VERSION=2 on CPU); set '
+                             'trainer.parallelism_config=null to train without FSDP on this machine')
     dataloader = build_dataloader(cfg['dataset'], resolution=cfg['model']['resolution'], seed=seed)
     optimizer = build_optimizer(cfg['optimizer'], model)
     scheduler = build_scheduler(cfg.get('scheduler'))

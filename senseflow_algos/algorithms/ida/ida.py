@@ -38,6 +38,16 @@ def _matched_parameters(fake_score: nn.Module, generator: nn.Module) -> tuple[li
     return dst, src
 
 
+def _reshard(module: nn.Module) -> None:
+    """Put FSDP2 modules back to their sharded parameters (an FSDP2 root stays unsharded after a forward without
+    backward, e.g. ISG's no-grad generator step), so both networks present the same shards to the lerp."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 @torch.no_grad()
 def align_fake_score(fake_score: nn.Module, generator: nn.Module, lam: float = 0.97) -> None:
     """``phi <- lam * phi + (1 - lam) * theta`` for every trainable fake-score tensor ``phi``.
@@ -58,6 +68,8 @@ def align_fake_score(fake_score: nn.Module, generator: nn.Module, lam: float = 0
     """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f'IDA lam must be in [0, 1], got {lam}')
+    _reshard(fake_score)
+    _reshard(generator)
     dst, src = _matched_parameters(fake_score, generator)
     if dst:
         torch._foreach_lerp_(dst, [s.to(d.dtype) for s, d in zip(src, dst)], 1.0 - lam)
