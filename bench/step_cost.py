@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -123,15 +124,17 @@ def main(argv=None) -> int:
     parser.add_argument('--cycles', type=int, default=3, help='TTUR cycles (generator updates) to average over')
     parser.add_argument('--out', type=Path, default=REPO / 'bench' / 'results', help='results folder')
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # stable on a shared 2-core machine
     results = {'online': run(False, args.cycles), 'precomputed': run(True, args.cycles)}
     command = 'python bench/step_cost.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     meta = {'command': command.strip(), 'torch': torch.__version__, 'cpu': platform.processor() or platform.machine(),
-            'threads': torch.get_num_threads(), 'gen_every': GEN_EVERY, 'cycles': args.cycles}
+            'threads': torch.get_num_threads(), 'gen_every': GEN_EVERY, 'cycles': args.cycles,
+            'load_average_1min': os.getloadavg()[0]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / 'step_cost.json').write_text(json.dumps({'meta': meta, 'results': results}, indent=2))
     lines = ['# Step cost, tiny FLUX config (CPU)\n', f'Command: `{meta["command"]}`  ',
-             f'torch {meta["torch"]}, {meta["threads"]} threads, TTUR {GEN_EVERY}, {args.cycles} generator updates.\n']
+             f'torch {meta["torch"]}, {meta["threads"]} thread, TTUR {GEN_EVERY}, {args.cycles} generator updates, '
+             f'load average {meta["load_average_1min"]:.1f} at the end (shared 2-core machine).\n']
     for mode, res in results.items():
         lines += [f'## {mode}\n', f'Seconds per generator update: {res["seconds_per_generator_update"]:.3f}  ',
                   f'All pass counts equal the method minimum: **{res["equal_to_minimum"]}**\n',
