@@ -21,6 +21,16 @@ _EXPORTS = {
     'load_config': 'senseflow_algos.config',
     'validate_config': 'senseflow_algos.config',
     'ConfigError': 'senseflow_algos.config',
+    'ImplicitDistributionAlignment': 'senseflow_algos.algorithms',
+    'IntraSegmentGuidance': 'senseflow_algos.algorithms',
+    'VFMDiscriminator': 'senseflow_algos.algorithms',
+    'functional': 'senseflow_algos.functional',
+    'sample': 'senseflow_algos.sampling',
+    'export_checkpoint': 'senseflow_algos.export',
+    'evaluate': 'senseflow_algos.evaluation',
+    'SampleGrid': 'senseflow_algos.callbacks',
+    'ExportPipeline': 'senseflow_algos.callbacks',
+    'build_trainer': 'senseflow_algos.builders',
 }
 
 __all__ = sorted(_EXPORTS)
