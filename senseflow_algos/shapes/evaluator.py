@@ -7,8 +7,8 @@ for each of the 18 (colour, shape) combinations:
 
 * a 16x16 heat-map whose spatial maximum is the combination's presence logit and whose spatial softmax gives
   its centre (soft-argmax), and
-* from a global 128-d embedding (the FD feature space), presence, centre and size again (auxiliary targets that
-  make the embedding describe what, where and how big).
+* from a global 128-d embedding (the FD feature space), presence, centre and size again and the blur, noise and
+  contrast of the image (auxiliary targets that make the embedding describe what, where, how big and how clean).
 
 A prompt is then checked against the detections ``D`` (combinations with presence > 0.5 after non-maximum
 suppression across combinations within 4 px; the most likely one if none is): per named object, its colour is in ``D`` (``colour``), its shape is in ``D`` (``shape``), the pair is
@@ -61,6 +61,7 @@ class EvaluatorNet(nn.Module):
         self.down = nn.Sequential(_conv(w, 2 * w, stride=2), _conv(2 * w, 2 * w, stride=2))
         self.embed = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * 16, embed_dim), nn.ReLU(inplace=True))
         self.aux = nn.Linear(embed_dim, 4 * len(COMBOS))  # presence logit, cx, cy, size per combination
+        self.quality = nn.Linear(embed_dim, 3)  # blur std, noise std, contrast - 1 of the (augmented) image
         h = RESOLUTION // 2
         coords = (torch.arange(h, dtype=torch.float32) + 0.5) / h
         self.register_buffer('grid_x', coords.view(1, 1, 1, h).expand(1, 1, h, h).reshape(1, 1, -1), persistent=False)
@@ -75,7 +76,7 @@ class EvaluatorNet(nn.Module):
         centre = torch.stack([(prob * self.grid_x).sum(-1), (prob * self.grid_y).sum(-1)], -1)
         emb = self.embed(self.down(f))
         return {'presence': heat.amax(-1), 'centre': centre, 'embedding': emb, 'heat': heat,
-                'aux': self.aux(emb).view(-1, len(COMBOS), 4)}
+                'aux': self.aux(emb).view(-1, len(COMBOS), 4), 'quality': self.quality(emb)}
 
 
 def frechet_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:

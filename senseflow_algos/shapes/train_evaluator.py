@@ -4,7 +4,8 @@
 
 Training images come from world seed 2000 (the teacher trains on 1000, evaluation prompts use 3000+), with 4%
 background-only images (nothing present) and augmentations that imitate generated images: Gaussian noise,
-blur, and small brightness / contrast shifts (hue-preserving). Losses: presence BCE of dense heat-map targets (a Gaussian bump
+blur, and small brightness / contrast shifts (hue-preserving); the embedding also regresses the blur, noise and
+contrast applied, so that the FD feature space sees image quality, not only content. Losses: presence BCE of dense heat-map targets (a Gaussian bump
 at each object's centre) and of the embedding head, L1 of the soft-argmax centres and of the embedding head's centres and sizes (present
 combinations only). At the end it prints the accuracy on fresh renderer images with their captions and with
 shuffled captions.
@@ -58,19 +59,25 @@ def render_targets(seed: int, n: int, blank_fraction: float = 0.0):
             torch.from_numpy(size), captions)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Noise, blur (p 0.3) and hue-preserving brightness / contrast jitter, per image."""
+def augment(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blur (p 0.5, Gaussian std U(0.3, 1.5) px), hue-preserving contrast / brightness jitter and noise (std
+    U(0, 0.1)), per image. Returns the images and the degradation parameters ``(B, 3)``: blur std, noise std,
+    contrast - 1 (targets of the embedding's quality head)."""
     b = x.shape[0]
     bg = torch.tensor(BACKGROUND).view(1, 3, 1, 1) * 2 - 1
     contrast = 0.85 + 0.3 * torch.rand(b, 1, 1, 1, generator=gen)
     shift = 0.16 * torch.rand(b, 1, 1, 1, generator=gen) - 0.08 + 0.06 * torch.rand(b, 3, 1, 1, generator=gen) - 0.03
     x = (x - bg) * contrast + bg + shift
-    k = torch.tensor([0.25, 0.5, 0.25])
-    kernel = (k[:, None] * k[None, :]).expand(3, 1, 3, 3)
-    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='replicate'), kernel, groups=3)
-    x = torch.where(torch.rand(b, 1, 1, 1, generator=gen) < 0.3, blurred, x)
+    blur = torch.where(torch.rand(b, generator=gen) < 0.5, 0.3 + 1.2 * torch.rand(b, generator=gen), torch.zeros(b))
+    t = torch.arange(-3, 4, dtype=torch.float32)
+    k1 = torch.exp(-t**2 / (2 * blur.clamp_min(1e-3)[:, None]**2))
+    k1 = k1 / k1.sum(1, keepdim=True)
+    kernel = (k1[:, :, None] * k1[:, None, :]).repeat_interleave(3, 0).unsqueeze(1)  # (B*3, 1, 7, 7)
+    x = F.conv2d(F.pad(x, (3, 3, 3, 3), mode='replicate').reshape(1, b * 3, x.shape[2] + 6, x.shape[3] + 6),
+                 kernel, groups=b * 3).view_as(x)
     sigma = 0.1 * torch.rand(b, 1, 1, 1, generator=gen)
-    return (x + sigma * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+    x = (x + sigma * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+    return x, torch.stack([blur, sigma.flatten(), contrast.flatten() - 1], 1)
 
 
 def heat_targets(presence: torch.Tensor, centre: torch.Tensor, side: int = RESOLUTION // 2,
@@ -83,7 +90,7 @@ def heat_targets(presence: torch.Tensor, centre: torch.Tensor, side: int = RESOL
     return (bump * presence[..., None, None]).flatten(2)
 
 
-def loss_fn(out, presence, centre, size):
+def loss_fn(out, presence, centre, size, quality):
     mask = presence.unsqueeze(-1)
     n_obj = presence.sum().clamp_min(1)
     # Dense (CenterNet-style) heat-map supervision; the positives are up-weighted against the many empty cells.
@@ -95,7 +102,8 @@ def loss_fn(out, presence, centre, size):
     aux_bce = F.binary_cross_entropy_with_logits(aux[..., 0], presence)
     aux_loc = ((aux[..., 1:3] - centre).abs() * mask).sum() / n_obj
     aux_size = ((aux[..., 3] - size).abs() * presence).sum() / n_obj
-    return bce + 5 * loc + aux_bce + 5 * (aux_loc + aux_size), {'bce': bce.item(), 'loc_px': loc.item() * 16}
+    aux_quality = (out['quality'] - quality).abs().mean()
+    return bce + 5 * loc + aux_bce + 5 * (aux_loc + aux_size + aux_quality), {'bce': bce.item(), 'loc_px': loc.item() * 16}
 
 
 def evaluate_renderer(evaluator: ShapesEvaluator, n: int = 2000, seed: int = VAL_SEED) -> dict:
@@ -134,8 +142,9 @@ def main(argv=None):
     t1 = time.time()
     for step in range(a.steps):
         idx = torch.randint(a.pool, (a.batch,), generator=gen)
-        out = net(augment(images[idx], gen))
-        loss, parts = loss_fn(out, presence[idx], centre[idx], size[idx])
+        x, quality = augment(images[idx], gen)
+        out = net(x)
+        loss, parts = loss_fn(out, presence[idx], centre[idx], size[idx], quality)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
