@@ -1,0 +1,388 @@
+"""Train the shapes-world teacher: a toy FLUX.1-dev (guidance-distilled) pipeline, on 2 CPU cores.
+
+    python -m senseflow_algos.shapes.train_teacher --out senseflow_algos/shapes/assets/teacher
+
+Stages (each resumable from ``--work``; ``--stages`` picks a subset):
+
+1. ``data``: render a fixed pool of world samples (seed :data:`WORLD_SEED`) to ``work/pool.npz``.
+2. ``vae``: train the ``AutoencoderKL`` on the pool (L1 + MSE + a small KL), then set its ``shift_factor`` /
+   ``scaling_factor`` from the latent statistics (normalised latents: mean 0, std 1 over the pool).
+3. ``t2i``: flow matching of the transformer and both text encoders on the VAE latents: ``x_t = (1 - s) x0 + s
+   eps``, target ``eps - x0``, ``s`` logit-normal(0, 1), 10% of captions dropped to ``""`` (the unconditional
+   branch), embedded guidance fixed at 1 (= the plain conditional model). EMA of the weights.
+4. ``t2i_ft``: the same, continued from ``t2i`` at a lower learning rate with half of each batch drawn from
+   captions that name a position (``on the left`` ...). Trained on the world's caption distribution alone, the
+   model stays translation-equivariant and ignores position words (FLUX has no absolute position embedding: an
+   image token learns where it is only through RoPE attention to the text tokens at position 0, and only the 25%
+   of captions with a position reward that); the rebalanced batches bootstrap it. The conditional
+   distribution of every caption is unchanged; only how often each caption is seen changes.
+5. ``guidance``: FLUX-dev style guidance distillation. A copy of the stage-4 transformer learns, with guidance
+   ``w ~ U(1, 8)`` in its guidance embedding, to reproduce the frozen stage-4 model's classifier-free guidance
+   ``v_u + w (v_c - v_u)`` in one pass. Text encoders are frozen from here on.
+6. ``save``: the EMA weights as a diffusers ``FluxPipeline`` folder (safetensors) at ``--out``.
+
+All randomness is seeded; on the same machine and thread count the run is reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from senseflow_algos import flow
+from senseflow_algos.models.families.flux import FluxFamily
+from senseflow_algos.shapes import components as C
+from senseflow_algos.shapes.world import render, sample_scene
+
+WORLD_SEED = 1000
+STAGES = ('data', 'vae', 't2i', 't2i_ft', 'guidance', 'save')
+
+
+def _log(msg: str) -> None:
+    print(f'[{time.strftime("%H:%M:%S")}] {msg}', flush=True)
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point state (warm-up ``min(decay, (1+n)/(10+n))``)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay, self.n = decay, 0
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        self.n += 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        for k, v in module.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, module: torch.nn.Module) -> torch.nn.Module:
+        module.load_state_dict(self.shadow)
+        return module
+
+
+def _lr(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine to 10% of ``base``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def _set_lr(opt, lr):
+    for g in opt.param_groups:
+        g['lr'] = lr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data
+
+
+def stage_data(work: Path, pool_size: int) -> None:
+    path = work / 'pool.npz'
+    if path.exists():
+        _log(f'data: {path} exists')
+        return
+    t = time.time()
+    images = np.empty((pool_size, 3, C.RESOLUTION, C.RESOLUTION), dtype=np.uint8)
+    captions = []
+    for i in range(pool_size):
+        scene = sample_scene(WORLD_SEED, i)
+        images[i] = np.round(render(scene) * 255).astype(np.uint8)
+        captions.append(scene.caption)
+    np.savez(path, images=images, captions=np.array(captions))
+    _log(f'data: rendered {pool_size} samples in {time.time() - t:.0f}s')
+
+
+def _load_pool(work: Path):
+    d = np.load(work / 'pool.npz')
+    images = torch.from_numpy(d['images']).float().div_(127.5).sub_(1.0)
+    return images, [str(c) for c in d['captions']]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# VAE
+
+
+def stage_vae(work: Path, steps: int, batch: int, lr: float, kl_weight: float, seed: int) -> None:
+    path = work / 'vae'
+    if (path / 'config.json').exists():
+        _log(f'vae: {path} exists')
+        return
+    images, _ = _load_pool(work)
+    vae = C.build_vae(seed).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for step in range(steps):
+        _set_lr(opt, _lr(step, steps, lr, 50))
+        x = images[torch.randint(len(images), (batch,), generator=gen)]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        l1, mse = (rec - x).abs().mean(), F.mse_loss(rec, x)
+        kl = post.kl().mean() / post.mean[0].numel()
+        loss = l1 + mse + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            el = time.time() - t0
+            _log(f'vae {step}/{steps} l1 {l1.item():.4f} mse {mse.item():.5f} kl {kl.item():.3f} '
+                 f'{(step + 1) * batch / el:.1f} img/s, eta {el / (step + 1) * (steps - step - 1) / 60:.1f} min')
+    vae.eval()
+    n_stats = min(2048, len(images) // 2)
+    held_out = images[-512:]  # the pool's tail: also trained on, but a PSNR over fresh samples is similar
+    with torch.no_grad():
+        z = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mode() for i in range(0, n_stats, 256)])
+        rec = torch.cat([vae.decode(vae.encode(held_out[i:i + 256]).latent_dist.mode()).sample
+                         for i in range(0, len(held_out), 256)])
+    psnr = 10 * math.log10(4.0 / F.mse_loss(rec.clamp(-1, 1), held_out).item())
+    shift, scale = z.mean().item(), 1.0 / z.std().item()
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    vae.save_pretrained(path, safe_serialization=True)
+    _log(f'vae: saved, PSNR {psnr:.2f} dB, shift {shift:.4f} scale {scale:.4f}, '
+         f'{(time.time() - t0) / 60:.1f} min')
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# text-to-image flow matching
+
+
+def _encode_pool_latents(work: Path, vae, images: torch.Tensor) -> torch.Tensor:
+    path = work / 'latents.pt'
+    if path.exists():
+        return torch.load(path)
+    fam = FluxFamily()
+    t = time.time()
+    with torch.no_grad():
+        lat = torch.cat([fam.encode_images(vae, images[i:i + 256]) for i in range(0, len(images), 256)])
+    torch.save(lat, path)
+    _log(f't2i: encoded {len(images)} latents in {time.time() - t:.0f}s (std {lat.std():.3f})')
+    return lat
+
+
+def _text_modules(work: Path, seed: int):
+    tok, tok2 = C.build_tokenizers()
+    clip, t5 = C.build_text_encoders(tok, tok2, seed)
+    return tok, tok2, clip, t5
+
+
+def stage_t2i(work: Path, steps: int, batch: int, lr: float, dropout: float, ema_decay: float, seed: int,
+              arch: dict, name: str = 't2i', init: str | None = None, position_fraction: float = 0.0) -> None:
+    """Flow matching of transformer and text encoders; ``init`` continues from another stage's weights and
+    ``position_fraction`` draws that share of each batch from captions that name a position (the rest from the
+    world's distribution)."""
+    path = work / f'{name}.pt'
+    if path.exists():
+        _log(f'{name}: {path} exists')
+        return
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(work / 'vae').eval()
+    images, captions = _load_pool(work)
+    latents = _encode_pool_latents(work, vae, images)
+    tok, tok2, clip, t5 = _text_modules(work, seed)
+    net = C.build_transformer(seed, **arch).train()
+    clip.train(), t5.train()
+    modules = torch.nn.ModuleDict({'transformer': net, 'text_encoder': clip, 'text_encoder_2': t5})
+    if init is not None:
+        modules.load_state_dict(torch.load(work / init)['modules'])
+    ema = EMA(modules, ema_decay)
+    opt = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    start = 0
+    positional = torch.tensor([i for i, c in enumerate(captions) if ' on the ' in c])
+    ckpt = work / f'{name}_ckpt.pt'
+    if ckpt.exists():
+        state = torch.load(ckpt)
+        modules.load_state_dict(state['modules']), opt.load_state_dict(state['opt'])
+        ema.shadow, ema.n, start = state['ema'], state['ema_n'], state['step']
+        _log(f'{name}: resumed at step {start}')
+    fam = FluxFamily()
+    n_params = sum(p.numel() for p in net.parameters())
+    _log(f'{name}: transformer {n_params / 1e6:.2f}M params, {len(latents)} pool latents')
+    t0, losses = time.time(), []
+    for step in range(start, steps):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        _set_lr(opt, _lr(step, steps, lr, 100))
+        idx = torch.randint(len(latents), (batch,), generator=gen)
+        if position_fraction > 0:
+            pick = positional[torch.randint(len(positional), (batch,), generator=gen)]
+            idx = torch.where(torch.rand(batch, generator=gen) < position_fraction, pick, idx)
+        x0 = latents[idx]
+        drop = torch.rand(batch, generator=gen) < dropout
+        prompts = ['' if d else captions[i] for d, i in zip(drop.tolist(), idx.tolist())]
+        cond = C.encode_prompts(prompts, tok, clip, tok2, t5)
+        sigma = flow.sample_logit_normal(batch, gen).float()
+        noise = flow.sample_noise(x0.shape, gen)
+        x_t = flow.add_noise(x0, noise, sigma)
+        v = fam.velocity(net, x_t, sigma, cond, torch.ones(batch))
+        loss = F.mse_loss(v, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+        opt.step()
+        ema.update(modules)
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            el = time.time() - t0
+            done = step + 1 - start
+            _log(f'{name} {step}/{steps} loss {np.mean(losses[-50:]):.4f} {done * batch / el:.1f} samples/s, '
+                 f'eta {el / done * (steps - step - 1) / 60:.1f} min')
+        if (step + 1) % 500 == 0 and step + 1 < steps:
+            torch.save({'modules': modules.state_dict(), 'opt': opt.state_dict(), 'ema': ema.shadow,
+                        'ema_n': ema.n, 'step': step + 1}, ckpt)
+    ema.copy_to(modules)
+    torch.save({'modules': modules.state_dict(), 'arch': arch, 'losses': losses}, path)
+    _log(f'{name}: done in {(time.time() - t0) / 60:.1f} min')
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# guidance distillation
+
+
+def stage_guidance(work: Path, steps: int, batch: int, lr: float, guidance_range: tuple[float, float],
+                   ema_decay: float, seed: int, arch: dict) -> None:
+    path = work / 'guidance.pt'
+    if path.exists():
+        _log(f'guidance: {path} exists')
+        return
+    images, captions = _load_pool(work)
+    latents = torch.load(work / 'latents.pt')
+    tok, tok2, clip, t5 = _text_modules(work, seed)
+    base = C.build_transformer(seed, **arch)
+    modules = torch.nn.ModuleDict({'transformer': base, 'text_encoder': clip, 'text_encoder_2': t5})
+    source = 't2i_ft.pt' if (work / 't2i_ft.pt').exists() else 't2i.pt'
+    modules.load_state_dict(torch.load(work / source)['modules'])
+    _log(f'guidance: distilling {source}')
+    modules.eval().requires_grad_(False)
+    student = copy.deepcopy(base).train().requires_grad_(True)
+    ema = EMA(student, ema_decay)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    fam = FluxFamily()
+    with torch.no_grad():
+        uncond1 = C.encode_prompts([''], tok, clip, tok2, t5)
+    t0, losses = time.time(), []
+    lo, hi = guidance_range
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + 7 * step + 1)
+        _set_lr(opt, _lr(step, steps, lr, 50))
+        idx = torch.randint(len(latents), (batch,), generator=gen)
+        x0 = latents[idx]
+        with torch.no_grad():
+            cond = C.encode_prompts([captions[i] for i in idx.tolist()], tok, clip, tok2, t5)
+            # Half logit-normal, half uniform sigmas: the sampler visits the whole [0, 1].
+            sigma = torch.where(torch.rand(batch, generator=gen) < 0.5, flow.sample_logit_normal(batch, gen),
+                                torch.rand(batch, generator=gen, dtype=torch.float64)).float()
+            noise = flow.sample_noise(x0.shape, gen)
+            x_t = flow.add_noise(x0, noise, sigma)
+            w = lo + (hi - lo) * torch.rand(batch, generator=gen)
+            both = {k: torch.cat([cond[k], uncond1[k].expand_as(cond[k])]) for k in cond}
+            v = fam.velocity(base, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), both, torch.ones(2 * batch))
+            v_c, v_u = v.chunk(2)
+            target = v_u + w.view(-1, 1, 1, 1) * (v_c - v_u)
+        pred = fam.velocity(student, x_t, sigma, cond, w)
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        ema.update(student)
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            el = time.time() - t0
+            _log(f'guidance {step}/{steps} loss {np.mean(losses[-50:]):.4f} {(step + 1) * batch / el:.1f} '
+                 f'samples/s, eta {el / (step + 1) * (steps - step - 1) / 60:.1f} min')
+    ema.copy_to(student)
+    modules['transformer'] = student
+    torch.save({'modules': modules.state_dict(), 'arch': arch, 'losses': losses}, path)
+    _log(f'guidance: done in {(time.time() - t0) / 60:.1f} min')
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# export
+
+
+def stage_save(work: Path, out: Path, seed: int, arch: dict, source: str = 'guidance.pt') -> None:
+    from diffusers import AutoencoderKL, FluxPipeline
+
+    tok, tok2, clip, t5 = _text_modules(work, seed)
+    net = C.build_transformer(seed, **arch)
+    modules = torch.nn.ModuleDict({'transformer': net, 'text_encoder': clip, 'text_encoder_2': t5})
+    modules.load_state_dict(torch.load(work / source)['modules'])
+    pipe = FluxPipeline(scheduler=C.build_scheduler(), vae=AutoencoderKL.from_pretrained(work / 'vae'),
+                        text_encoder=clip.eval(), tokenizer=tok, text_encoder_2=t5.eval(), tokenizer_2=tok2,
+                        transformer=net.eval())
+    pipe.save_pretrained(out, safe_serialization=True)
+    size = sum(f.stat().st_size for f in out.rglob('*') if f.is_file())
+    _log(f'save: {out} ({size / 2**20:.2f} MiB)')
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog='python -m senseflow_algos.shapes.train_teacher', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--out', default=str(C.TEACHER_DIR), help='pipeline folder to write')
+    p.add_argument('--work', default='runs/shapes_teacher', help='stage outputs and checkpoints')
+    p.add_argument('--stages', default=','.join(STAGES))
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--threads', type=int, default=1, help='torch intra-op threads (1: fastest on a shared 2-core machine)')
+    p.add_argument('--pool', type=int, default=24000, help='rendered training samples')
+    p.add_argument('--vae-steps', type=int, default=800)
+    p.add_argument('--vae-batch', type=int, default=32)
+    p.add_argument('--vae-lr', type=float, default=2e-3)
+    p.add_argument('--kl-weight', type=float, default=1e-4)
+    p.add_argument('--t2i-steps', type=int, default=4000)
+    p.add_argument('--t2i-batch', type=int, default=64)
+    p.add_argument('--t2i-lr', type=float, default=6e-4)
+    p.add_argument('--caption-dropout', type=float, default=0.1)
+    p.add_argument('--ft-steps', type=int, default=2500, help='stage t2i_ft: steps (0 skips the stage)')
+    p.add_argument('--ft-lr', type=float, default=3e-4)
+    p.add_argument('--ft-position-fraction', type=float, default=0.5)
+    p.add_argument('--guidance-steps', type=int, default=600)
+    p.add_argument('--guidance-batch', type=int, default=64)
+    p.add_argument('--guidance-lr', type=float, default=3e-4)
+    p.add_argument('--guidance-range', type=float, nargs=2, default=(1.0, 8.0))
+    p.add_argument('--ema', type=float, default=0.998)
+    p.add_argument('--heads', type=int, default=4)
+    p.add_argument('--head-dim', type=int, default=32)
+    p.add_argument('--double', type=int, default=3)
+    p.add_argument('--single', type=int, default=3)
+    a = p.parse_args(argv)
+    C.num_threads(a.threads)
+    work, out = Path(a.work), Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    arch = dict(heads=a.heads, head_dim=a.head_dim, double=a.double, single=a.single)
+    (work / 'args.json').write_text(json.dumps(vars(a), indent=1))
+    stages = a.stages.split(',')
+    t = time.time()
+    if 'data' in stages:
+        stage_data(work, a.pool)
+    if 'vae' in stages:
+        stage_vae(work, a.vae_steps, a.vae_batch, a.vae_lr, a.kl_weight, a.seed)
+    if 't2i' in stages:
+        stage_t2i(work, a.t2i_steps, a.t2i_batch, a.t2i_lr, a.caption_dropout, a.ema, a.seed, arch)
+    if 't2i_ft' in stages and a.ft_steps > 0:
+        stage_t2i(work, a.ft_steps, a.t2i_batch, a.ft_lr, a.caption_dropout, a.ema, a.seed + 1, arch, name='t2i_ft',
+                  init='t2i.pt', position_fraction=a.ft_position_fraction)
+    if 'guidance' in stages:
+        stage_guidance(work, a.guidance_steps, a.guidance_batch, a.guidance_lr, tuple(a.guidance_range), a.ema,
+                       a.seed, arch)
+    if 'save' in stages:
+        stage_save(work, out, a.seed, arch)
+    _log(f'total {(time.time() - t) / 60:.1f} min')
+
+
+if __name__ == '__main__':
+    main()
