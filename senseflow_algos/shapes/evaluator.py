@@ -25,7 +25,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from senseflow_algos.shapes.components import EVALUATOR_WEIGHTS, RESOLUTION
@@ -80,18 +79,19 @@ class EvaluatorNet(nn.Module):
 
 
 def frechet_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets ``(N, D)``, ``(M, D)``."""
-    from scipy import linalg
+    """Fréchet distance between Gaussians fitted to two feature sets ``(N, D)``, ``(M, D)``.
 
+    ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))``, the last trace computed as the sum of the square roots
+    of the eigenvalues of the symmetric ``S1^(1/2) S2 S1^(1/2)`` (stable for singular covariances).
+    """
     a, b = (np.asarray(x, dtype=np.float64) for x in (a, b))
     mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    if not np.isfinite(covmean).all():
-        eps = 1e-6 * np.eye(len(s1))
-        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
-    covmean = covmean.real
-    return float(((mu1 - mu2)**2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = root1 @ s2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2)**2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
 class ShapesEvaluator:
@@ -104,8 +104,8 @@ class ShapesEvaluator:
 
     def __init__(self, weights: str | Path = EVALUATOR_WEIGHTS, device='cpu', net: Optional[EvaluatorNet] = None):
         if net is None:
-            from safetensors.torch import load_file
             from safetensors import safe_open
+            from safetensors.torch import load_file
 
             with safe_open(str(weights), framework='pt') as f:
                 meta = f.metadata() or {}

@@ -1,0 +1,49 @@
+"""The shipped shapes teacher: a FLUX.1-dev-class pipeline that loads with from_pretrained and makes an image."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextModel, T5EncoderModel
+
+from senseflow_algos.shapes import components as C
+from senseflow_algos.shapes.report import TeacherSampler
+
+pytestmark = pytest.mark.skipif(not (C.TEACHER_DIR / 'model_index.json').exists(), reason='teacher not shipped')
+
+
+@pytest.fixture(scope='module')
+def pipe():
+    return C.load_teacher()
+
+
+def test_components_and_size(pipe):
+    assert isinstance(pipe, FluxPipeline)
+    assert isinstance(pipe.transformer, FluxTransformer2DModel) and pipe.transformer.config.guidance_embeds
+    assert isinstance(pipe.vae, AutoencoderKL) and isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.text_encoder_2, T5EncoderModel)
+    size = sum(f.stat().st_size for f in C.TEACHER_DIR.rglob('*') if f.is_file())
+    assert size < 20 * 2**20
+    assert not list(C.TEACHER_DIR.rglob('*.bin'))  # safetensors only
+
+
+def test_pipeline_call_makes_an_image(pipe):
+    out = pipe('a red circle', height=32, width=32, num_inference_steps=4, guidance_scale=C.DEFAULT_GUIDANCE,
+               max_sequence_length=C.MAX_SEQUENCE_LENGTH, generator=torch.Generator().manual_seed(0),
+               output_type='pt')
+    img = out.images
+    assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
+    assert 0 <= img.min() and img.max() <= 1 and img.std() > 0.02
+
+
+def test_in_repo_sampler_matches_the_pipeline(pipe):
+    gen = torch.Generator().manual_seed(3)
+    lat = pipe('a blue square above a yellow triangle', height=32, width=32, num_inference_steps=6,
+               guidance_scale=3.0, max_sequence_length=C.MAX_SEQUENCE_LENGTH, generator=gen,
+               output_type='latent').images
+    noise = torch.randn((1, C.LATENT_CHANNELS, 8, 8), generator=torch.Generator().manual_seed(3))
+    sampler = TeacherSampler.from_pipeline(pipe)
+    cond = sampler.encode(['a blue square above a yellow triangle'])
+    mine = C.sample_euler(pipe.transformer, cond, C.teacher_sigmas(6), noise, 3.0)
+    from senseflow_algos.models.families.flux import pack_latents
+
+    assert torch.allclose(pack_latents(mine), lat, atol=1e-4)
