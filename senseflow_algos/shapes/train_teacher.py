@@ -11,7 +11,8 @@ Stages (each resumable from ``--work``; ``--stages`` picks a subset):
    eps``, target ``eps - x0``, ``s`` logit-normal(0, 1), 10% of captions dropped to ``""`` (the unconditional
    branch), embedded guidance fixed at 1 (= the plain conditional model). EMA of the weights.
 4. ``t2i_ft``: the same, continued from ``t2i`` at a lower learning rate with half of each batch drawn from
-   captions that name a position (``on the left`` ...). Trained on the world's caption distribution alone, the
+   captions that name a position (``on the left`` ...), in ``--ft-rounds`` rounds (``t2i_ft``, ``t2i_ft2``, ...),
+   each continuing from the previous one with a fresh cosine schedule at ``--ft-lr-decay`` times the rate. Trained on the world's caption distribution alone, the
    model stays translation-equivariant and ignores position words (FLUX has no absolute position embedding: an
    image token learns where it is only through RoPE attention to the text tokens at position 0, and only the 25%
    of captions with a position reward that); the rebalanced batches bootstrap it. The conditional
@@ -253,8 +254,12 @@ def stage_t2i(work: Path, steps: int, batch: int, lr: float, dropout: float, ema
 # guidance distillation
 
 
+def _ft_name(r: int) -> str:
+    return 't2i_ft' if r == 0 else f't2i_ft{r + 1}'
+
+
 def stage_guidance(work: Path, steps: int, batch: int, lr: float, guidance_range: tuple[float, float],
-                   ema_decay: float, seed: int, arch: dict) -> None:
+                   ema_decay: float, seed: int, arch: dict, ft_rounds: int = 1) -> None:
     path = work / 'guidance.pt'
     if path.exists():
         _log(f'guidance: {path} exists')
@@ -264,7 +269,8 @@ def stage_guidance(work: Path, steps: int, batch: int, lr: float, guidance_range
     tok, tok2, clip, t5 = _text_modules(work, seed)
     base = C.build_transformer(seed, **arch)
     modules = torch.nn.ModuleDict({'transformer': base, 'text_encoder': clip, 'text_encoder_2': t5})
-    source = 't2i_ft.pt' if (work / 't2i_ft.pt').exists() else 't2i.pt'
+    done = [f'{_ft_name(r)}.pt' for r in range(ft_rounds) if (work / f'{_ft_name(r)}.pt').exists()]
+    source = done[-1] if done else 't2i.pt'
     modules.load_state_dict(torch.load(work / source)['modules'])
     _log(f'guidance: distilling {source}')
     modules.eval().requires_grad_(False)
@@ -350,7 +356,9 @@ def main(argv=None) -> None:
     p.add_argument('--ft-steps', type=int, default=2500, help='stage t2i_ft: steps (0 skips the stage)')
     p.add_argument('--ft-lr', type=float, default=3e-4)
     p.add_argument('--ft-position-fraction', type=float, default=0.5)
-    p.add_argument('--guidance-steps', type=int, default=600)
+    p.add_argument('--ft-rounds', type=int, default=2, help='t2i_ft rounds, each continuing from the previous')
+    p.add_argument('--ft-lr-decay', type=float, default=0.67, help='learning-rate factor per t2i_ft round')
+    p.add_argument('--guidance-steps', type=int, default=1000)
     p.add_argument('--guidance-batch', type=int, default=64)
     p.add_argument('--guidance-lr', type=float, default=3e-4)
     p.add_argument('--guidance-range', type=float, nargs=2, default=(1.0, 8.0))
@@ -374,11 +382,13 @@ def main(argv=None) -> None:
     if 't2i' in stages:
         stage_t2i(work, a.t2i_steps, a.t2i_batch, a.t2i_lr, a.caption_dropout, a.ema, a.seed, arch)
     if 't2i_ft' in stages and a.ft_steps > 0:
-        stage_t2i(work, a.ft_steps, a.t2i_batch, a.ft_lr, a.caption_dropout, a.ema, a.seed + 1, arch, name='t2i_ft',
-                  init='t2i.pt', position_fraction=a.ft_position_fraction)
+        for r in range(a.ft_rounds):
+            name, init = _ft_name(r), 't2i.pt' if r == 0 else f'{_ft_name(r - 1)}.pt'
+            stage_t2i(work, a.ft_steps, a.t2i_batch, a.ft_lr * a.ft_lr_decay**r, a.caption_dropout, a.ema,
+                      a.seed + 1 + r, arch, name=name, init=init, position_fraction=a.ft_position_fraction)
     if 'guidance' in stages:
         stage_guidance(work, a.guidance_steps, a.guidance_batch, a.guidance_lr, tuple(a.guidance_range), a.ema,
-                       a.seed, arch)
+                       a.seed, arch, a.ft_rounds if a.ft_steps > 0 else 0)
     if 'save' in stages:
         stage_save(work, out, a.seed, arch)
     _log(f'total {(time.time() - t) / 60:.1f} min')
