@@ -17,6 +17,8 @@ _EXPORTS = {
     'get_family': 'senseflow_algos.models.families',
     'PhasedAdamW': 'senseflow_algos.optim',
     'Phase': 'senseflow_algos.optim',
+    'PhasedAdamW8bit': 'senseflow_algos.optim_8bit',
+    'ShapesReport': 'senseflow_algos.shapes.report',
     'flow': 'senseflow_algos.flow',
     'load_config': 'senseflow_algos.config',
     'validate_config': 'senseflow_algos.config',

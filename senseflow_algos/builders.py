@@ -106,10 +106,18 @@ def build_dataloader(dataset_cfg: dict[str, Any], resolution: int, seed: int) ->
 
 
 def build_optimizer(optimizer_cfg: dict[str, Any], model: DMDModel) -> PhasedAdamW:
-    """``optimizer:`` section -> one :class:`PhasedAdamW` over all trainable networks."""
+    """``optimizer:`` section -> one phased optimizer over all trainable networks: :class:`PhasedAdamW`
+    (``kind: adamw``, default) or :class:`~senseflow_algos.optim_8bit.PhasedAdamW8bit` (``kind: adamw_8bit``)."""
     cfg = dict(optimizer_cfg)
+    kind = cfg.pop('kind', 'adamw')
     if 'betas' in cfg:
         cfg['betas'] = tuple(cfg['betas'])
+    if kind == 'adamw_8bit':
+        from senseflow_algos.optim_8bit import PhasedAdamW8bit
+
+        return PhasedAdamW8bit(model.param_groups(), controller=model, **cfg)
+    if 'min_8bit_size' in cfg:
+        raise ValueError('optimizer.min_8bit_size applies to optimizer.kind=adamw_8bit only')
     return PhasedAdamW(model.param_groups(), controller=model, **cfg)
 
 
@@ -159,13 +167,18 @@ def build_loggers(loggers_cfg: dict[str, Any] | None, full_cfg: dict[str, Any]) 
 def build_trainer(cfg: dict[str, Any]) -> Trainer:
     """Build everything a validated run config describes and return the Composer ``Trainer``."""
     seed = cfg.get('seed', 17)
+    fsdp = (cfg['trainer'].get('parallelism_config') or {}).get('fsdp') is not None
+    if fsdp and cfg['optimizer'].get('kind') == 'adamw_8bit':
+        raise ValueError('optimizer.kind=adamw_8bit is for unsharded runs (one GPU, DDP): bitsandbytes\' block-wise '
+                         'state cannot be saved by a sharded (FSDP) checkpoint. Use optimizer.kind=adamw with FSDP, '
+                         'or trainer.parallelism_config=null')
     install_atomic_checkpoint_writes()
     # Cheap objects first: a bad algorithm or callback setting fails before a teacher is loaded.
     algorithms = build_algorithms(cfg.get('algorithms'))
     callbacks = build_callbacks(cfg.get('callbacks'))
     loggers = build_loggers(cfg.get('loggers'), cfg)
     model = build_model(cfg['model'], seed=seed)
-    if (cfg['trainer'].get('parallelism_config') or {}).get('fsdp') is not None:
+    if fsdp:
         if torch.cuda.is_available():
             prepare_for_fsdp(model, torch.device('cuda', dist.get_local_rank()))
         elif os.environ.get('FSDP_VERSION') == '2':  # FSDP2 also shards on CPU processes (gloo), e.g. in tests

@@ -18,7 +18,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ['Phase', 'PhaseController', 'PhasedAdamW', 'ROLES', 'NonFiniteGradientError']
+__all__ = ['Phase', 'PhaseController', 'PhasedOptimizerMixin', 'PhasedAdamW', 'ROLES', 'NonFiniteGradientError']
 
 #: Roles a param group may carry.
 ROLES = ('generator', 'fake_score', 'discriminator')
@@ -54,35 +54,28 @@ class NonFiniteGradientError(FloatingPointError):
     """A phase produced a NaN or Inf gradient and ``on_nonfinite='stop'``."""
 
 
-class PhasedAdamW(torch.optim.AdamW):
-    """AdamW whose ``step(closure)`` runs one closure and one update per training phase.
+class PhasedOptimizerMixin:
+    """The phase logic of :class:`PhasedAdamW`, for any torch optimizer class that follows it in the MRO
+    (``class X(PhasedOptimizerMixin, SomeAdamW)``): role checks, one closure and one base-class update per phase,
+    per-role clipping, non-finite handling. See :class:`PhasedAdamW` for the arguments."""
 
-    Args:
-        params (Iterable[dict]): Param groups, each with a ``role`` key from :data:`ROLES`
-            (and optionally its own ``lr``, ``weight_decay``, ...).
-        controller (PhaseController): Decides the phases of each batch (usually the DMD model).
-        max_grad_norm (float, optional): If set, gradients are clipped to this norm per role, as each
-            network had its own optimizer in the reference trainer. Default: ``None``.
-        on_nonfinite (str): What a phase with a NaN or Inf gradient does: ``stop`` raises
-            :class:`NonFiniteGradientError` before any weight changes (so nothing non-finite reaches a checkpoint);
-            ``skip`` drops that phase's update and counts it in ``param_groups[0]['nonfinite_skips']`` (saved with
-            the optimizer state). Default: ``stop``.
-        **adamw_kwargs: ``lr``, ``betas``, ``eps``, ``weight_decay``, ... for :class:`torch.optim.AdamW`.
-    """
+    def _init_phases(self, controller: PhaseController, max_grad_norm: Optional[float], on_nonfinite: str) -> None:
+        self.controller = controller
+        self.max_grad_norm = max_grad_norm
+        self.on_nonfinite = on_nonfinite
+        self.param_groups[0].setdefault('nonfinite_skips', 0)
 
-    def __init__(self, params: Iterable[dict], controller: PhaseController, max_grad_norm: Optional[float] = None,
-                 on_nonfinite: str = 'stop', **adamw_kwargs):
-        groups = list(params)
+    @staticmethod
+    def _check_groups(groups: list[dict], on_nonfinite: str) -> None:
         for group in groups:
             if group.get('role') not in ROLES:
                 raise ValueError(f"every param group needs a 'role' in {ROLES}, got {group.get('role')!r}")
         if on_nonfinite not in ('stop', 'skip'):
             raise ValueError(f"optimizer.on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
-        super().__init__(groups, **adamw_kwargs)
-        self.controller = controller
-        self.max_grad_norm = max_grad_norm
-        self.on_nonfinite = on_nonfinite
-        self.param_groups[0].setdefault('nonfinite_skips', 0)
+
+    def _init_missing_state(self) -> None:
+        """Hook run after each batch: create the empty state of parameters that had no gradient yet (needed by
+        torch's distributed checkpoint loader; see :class:`PhasedAdamW`). Default: nothing."""
 
     def params_of(self, roles: Iterable[str]) -> list[torch.nn.Parameter]:
         """All parameters in groups whose role is in ``roles``."""
@@ -153,6 +146,30 @@ class PhasedAdamW(torch.optim.AdamW):
         log.warning('skipped the %s update: non-finite gradient (%d skipped so far)', phase.name,
                     self.param_groups[0]['nonfinite_skips'])
         return False
+
+
+class PhasedAdamW(PhasedOptimizerMixin, torch.optim.AdamW):
+    """AdamW whose ``step(closure)`` runs one closure and one update per training phase.
+
+    Args:
+        params (Iterable[dict]): Param groups, each with a ``role`` key from :data:`ROLES`
+            (and optionally its own ``lr``, ``weight_decay``, ...).
+        controller (PhaseController): Decides the phases of each batch (usually the DMD model).
+        max_grad_norm (float, optional): If set, gradients are clipped to this norm per role, as each
+            network had its own optimizer in the reference trainer. Default: ``None``.
+        on_nonfinite (str): What a phase with a NaN or Inf gradient does: ``stop`` raises
+            :class:`NonFiniteGradientError` before any weight changes (so nothing non-finite reaches a checkpoint);
+            ``skip`` drops that phase's update and counts it in ``param_groups[0]['nonfinite_skips']`` (saved with
+            the optimizer state). Default: ``stop``.
+        **adamw_kwargs: ``lr``, ``betas``, ``eps``, ``weight_decay``, ... for :class:`torch.optim.AdamW`.
+    """
+
+    def __init__(self, params: Iterable[dict], controller: PhaseController, max_grad_norm: Optional[float] = None,
+                 on_nonfinite: str = 'stop', **adamw_kwargs):
+        groups = list(params)
+        self._check_groups(groups, on_nonfinite)
+        super().__init__(groups, **adamw_kwargs)
+        self._init_phases(controller, max_grad_norm, on_nonfinite)
 
     def _init_missing_state(self) -> None:
         """Give every trainable parameter AdamW state, also one that has had no gradient yet.
