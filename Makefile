@@ -20,7 +20,7 @@ lint: install
 	$(PYTHON) -m ruff check senseflow_algos tests train.py
 
 demo: install
-	composer train.py yamls/tiny_flux.yaml
+	composer train.py yamls/shapes.yaml
 
 clean:
 	rm -rf runs $(PIP_STAMP) .pytest_cache

@@ -316,6 +316,8 @@ class ShapesReport(_CallbackBase):
             model.train(was_training)
         report['wall_s_report'] = time.time() - t
         report['train_batches'] = int(state.timestamp.batch)
+        per_rank = getattr(state.dataloader, 'batch_size', None)
+        report['global_batch_size'] = per_rank * dist.get_world_size() if per_rank else None
         report['train_wall_s'] = train_wall_s
         table = write_report(report, folder)
         self.report = report

@@ -47,3 +47,16 @@ def test_in_repo_sampler_matches_the_pipeline(pipe):
     from senseflow_algos.models.families.flux import pack_latents
 
     assert torch.allclose(pack_latents(mine), lat, atol=1e-4)
+
+
+def test_teacher_images_match_their_captions(pipe):
+    """The shipped teacher is a good teacher: its images of one-shape prompts pass the independent evaluator
+    (measured 0.945 at 50 steps on 256 prompts; here 48 prompts at 20 steps)."""
+    from senseflow_algos.shapes.evaluator import ShapesEvaluator
+    from senseflow_algos.shapes.report import prompt_suite
+
+    prompts = prompt_suite(96)[:48]
+    images = TeacherSampler.from_pipeline(pipe).generate(prompts, steps=20, seed=0)
+    scores = ShapesEvaluator().score(images, prompts)['single']
+    assert scores['prompt'] >= 0.8, scores
+    assert scores['colour'] >= 0.95 and scores['shape'] >= 0.9, scores
