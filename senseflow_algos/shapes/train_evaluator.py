@@ -25,14 +25,11 @@ import torch.nn.functional as F
 
 from senseflow_algos.shapes import components as C
 from senseflow_algos.shapes.evaluator import COMBOS, EvaluatorNet, ShapesEvaluator, combo_index
+from senseflow_algos.shapes.training import log, optimizer_step, warmup_cosine
 from senseflow_algos.shapes.world import BACKGROUND, RESOLUTION, render, sample_scene
 
 TRAIN_SEED, VAL_SEED = 2000, 3000
 BLANK_FRACTION = 0.04
-
-
-def _log(msg):
-    print(f'[{time.strftime("%H:%M:%S")}] {msg}', flush=True)
 
 
 def render_targets(seed: int, n: int, blank_fraction: float = 0.0):
@@ -132,12 +129,12 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     t0 = time.time()
     images, presence, centre, size, _ = render_targets(TRAIN_SEED, a.pool, BLANK_FRACTION)
-    _log(f'rendered {a.pool} training images in {time.time() - t0:.0f}s')
+    log(f'rendered {a.pool} training images in {time.time() - t0:.0f}s')
     net = EvaluatorNet(width=a.width).train()
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=1e-4)
     warm = max(1, a.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + np.cos(np.pi * (s - warm) / max(1, a.steps - warm))))
+        opt, lambda s: warmup_cosine(s, a.steps, warm))
     gen = torch.Generator().manual_seed(a.seed)
     t1 = time.time()
     for step in range(a.steps):
@@ -145,14 +142,12 @@ def main(argv=None):
         x, quality = augment(images[idx], gen)
         out = net(x)
         loss, parts = loss_fn(out, presence[idx], centre[idx], size[idx], quality)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, loss)
         sched.step()
         if step % 100 == 0 or step == a.steps - 1:
             el = time.time() - t1
-            _log(f'step {step}/{a.steps} loss {loss.item():.4f} bce {parts["bce"]:.4f} centre err '
-                 f'{parts["loc_px"]:.2f}px(16-grid) {(step + 1) * a.batch / el:.0f} img/s')
+            log(f'step {step}/{a.steps} loss {loss.item():.4f} bce {parts["bce"]:.4f} centre err '
+                f'{parts["loc_px"]:.2f}px(16-grid) {(step + 1) * a.batch / el:.0f} img/s')
     net.eval()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,10 +157,10 @@ def main(argv=None):
               metadata={'width': str(a.width), 'embed_dim': '128'})
     res = evaluate_renderer(ShapesEvaluator(out))
     (out.parent / 'renderer_accuracy.json').write_text(json.dumps(res, indent=1))
-    _log(f'saved {out} ({out.stat().st_size / 1024:.0f} KiB) in {(time.time() - t0) / 60:.1f} min')
+    log(f'saved {out} ({out.stat().st_size / 1024:.0f} KiB) in {(time.time() - t0) / 60:.1f} min')
     for k in ('true', 'shuffled'):
-        _log(f'{k} captions: ' + ', '.join(f'{g} prompt acc {res[k][g]["prompt"]:.3f}' for g in ('single', 'two')) +
-             f'; single colour {res[k]["single"]["colour"]:.3f} shape {res[k]["single"]["shape"]:.3f}')
+        log(f'{k} captions: ' + ', '.join(f'{g} prompt acc {res[k][g]["prompt"]:.3f}' for g in ('single', 'two')) +
+            f'; single colour {res[k]["single"]["colour"]:.3f} shape {res[k]["single"]["shape"]:.3f}')
 
 
 if __name__ == '__main__':

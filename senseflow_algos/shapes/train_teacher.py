@@ -41,14 +41,11 @@ import torch.nn.functional as F
 from senseflow_algos import flow
 from senseflow_algos.models.families.flux import FluxFamily
 from senseflow_algos.shapes import components as C
+from senseflow_algos.shapes.training import log, optimizer_step, warmup_cosine
 from senseflow_algos.shapes.world import render, sample_scene
 
 WORLD_SEED = 1000
 STAGES = ('data', 'vae', 't2i', 't2i_ft', 'guidance', 'save')
-
-
-def _log(msg: str) -> None:
-    print(f'[{time.strftime("%H:%M:%S")}] {msg}', flush=True)
 
 
 class EMA:
@@ -73,17 +70,19 @@ class EMA:
         return module
 
 
-def _lr(step: int, total: int, base: float, warmup: int) -> float:
+def _set_lr(opt, step: int, total: int, base: float, warmup: int) -> None:
     """Linear warm-up, then cosine to 10% of ``base``."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def _set_lr(opt, lr):
     for g in opt.param_groups:
-        g['lr'] = lr
+        g['lr'] = base * warmup_cosine(step, total, warmup, floor=0.1)
+
+
+def _progress(name: str, step: int, steps: int, losses: list[float], done: int, batch: int, t0: float) -> None:
+    """Every 50 steps and at the last: mean loss of the last 50, samples/s over the ``done`` steps of this process,
+    ETA."""
+    if step % 50 == 0 or step == steps - 1:
+        el = time.time() - t0
+        log(f'{name} {step}/{steps} loss {np.mean(losses[-50:]):.4f} {done * batch / el:.1f} samples/s, '
+            f'eta {el / done * (steps - step - 1) / 60:.1f} min')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -93,7 +92,7 @@ def _set_lr(opt, lr):
 def stage_data(work: Path, pool_size: int) -> None:
     path = work / 'pool.npz'
     if path.exists():
-        _log(f'data: {path} exists')
+        log(f'data: {path} exists')
         return
     t = time.time()
     images = np.empty((pool_size, 3, C.RESOLUTION, C.RESOLUTION), dtype=np.uint8)
@@ -103,7 +102,7 @@ def stage_data(work: Path, pool_size: int) -> None:
         images[i] = np.round(render(scene) * 255).astype(np.uint8)
         captions.append(scene.caption)
     np.savez(path, images=images, captions=np.array(captions))
-    _log(f'data: rendered {pool_size} samples in {time.time() - t:.0f}s')
+    log(f'data: rendered {pool_size} samples in {time.time() - t:.0f}s')
 
 
 def _load_pool(work: Path):
@@ -119,7 +118,7 @@ def _load_pool(work: Path):
 def stage_vae(work: Path, steps: int, batch: int, lr: float, kl_weight: float, seed: int) -> None:
     path = work / 'vae'
     if (path / 'config.json').exists():
-        _log(f'vae: {path} exists')
+        log(f'vae: {path} exists')
         return
     images, _ = _load_pool(work)
     vae = C.build_vae(seed).train()
@@ -127,7 +126,7 @@ def stage_vae(work: Path, steps: int, batch: int, lr: float, kl_weight: float, s
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
     for step in range(steps):
-        _set_lr(opt, _lr(step, steps, lr, 50))
+        _set_lr(opt, step, steps, lr, 50)
         x = images[torch.randint(len(images), (batch,), generator=gen)]
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
@@ -135,14 +134,11 @@ def stage_vae(work: Path, steps: int, batch: int, lr: float, kl_weight: float, s
         l1, mse = (rec - x).abs().mean(), F.mse_loss(rec, x)
         kl = post.kl().mean() / post.mean[0].numel()
         loss = l1 + mse + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, vae, max_grad_norm=1.0)
         if step % 50 == 0 or step == steps - 1:
             el = time.time() - t0
-            _log(f'vae {step}/{steps} l1 {l1.item():.4f} mse {mse.item():.5f} kl {kl.item():.3f} '
-                 f'{(step + 1) * batch / el:.1f} img/s, eta {el / (step + 1) * (steps - step - 1) / 60:.1f} min')
+            log(f'vae {step}/{steps} l1 {l1.item():.4f} mse {mse.item():.5f} kl {kl.item():.3f} '
+                f'{(step + 1) * batch / el:.1f} img/s, eta {el / (step + 1) * (steps - step - 1) / 60:.1f} min')
     vae.eval()
     n_stats = min(2048, len(images) // 2)
     held_out = images[-512:]  # the pool's tail: also trained on, but a PSNR over fresh samples is similar
@@ -154,8 +150,8 @@ def stage_vae(work: Path, steps: int, batch: int, lr: float, kl_weight: float, s
     shift, scale = z.mean().item(), 1.0 / z.std().item()
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     vae.save_pretrained(path, safe_serialization=True)
-    _log(f'vae: saved, PSNR {psnr:.2f} dB, shift {shift:.4f} scale {scale:.4f}, '
-         f'{(time.time() - t0) / 60:.1f} min')
+    log(f'vae: saved, PSNR {psnr:.2f} dB, shift {shift:.4f} scale {scale:.4f}, '
+        f'{(time.time() - t0) / 60:.1f} min')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -171,7 +167,7 @@ def _encode_pool_latents(work: Path, vae, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         lat = torch.cat([fam.encode_images(vae, images[i:i + 256]) for i in range(0, len(images), 256)])
     torch.save(lat, path)
-    _log(f't2i: encoded {len(images)} latents in {time.time() - t:.0f}s (std {lat.std():.3f})')
+    log(f't2i: encoded {len(images)} latents in {time.time() - t:.0f}s (std {lat.std():.3f})')
     return lat
 
 
@@ -188,7 +184,7 @@ def stage_t2i(work: Path, steps: int, batch: int, lr: float, dropout: float, ema
     world's distribution)."""
     path = work / f'{name}.pt'
     if path.exists():
-        _log(f'{name}: {path} exists')
+        log(f'{name}: {path} exists')
         return
     from diffusers import AutoencoderKL
 
@@ -210,14 +206,14 @@ def stage_t2i(work: Path, steps: int, batch: int, lr: float, dropout: float, ema
         state = torch.load(ckpt)
         modules.load_state_dict(state['modules']), opt.load_state_dict(state['opt'])
         ema.shadow, ema.n, start = state['ema'], state['ema_n'], state['step']
-        _log(f'{name}: resumed at step {start}')
+        log(f'{name}: resumed at step {start}')
     fam = FluxFamily()
     n_params = sum(p.numel() for p in net.parameters())
-    _log(f'{name}: transformer {n_params / 1e6:.2f}M params, {len(latents)} pool latents')
+    log(f'{name}: transformer {n_params / 1e6:.2f}M params, {len(latents)} pool latents')
     t0, losses = time.time(), []
     for step in range(start, steps):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        _set_lr(opt, _lr(step, steps, lr, 100))
+        _set_lr(opt, step, steps, lr, 100)
         idx = torch.randint(len(latents), (batch,), generator=gen)
         if position_fraction > 0:
             pick = positional[torch.randint(len(positional), (batch,), generator=gen)]
@@ -231,23 +227,16 @@ def stage_t2i(work: Path, steps: int, batch: int, lr: float, dropout: float, ema
         x_t = flow.add_noise(x0, noise, sigma)
         v = fam.velocity(net, x_t, sigma, cond, torch.ones(batch))
         loss = F.mse_loss(v, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, modules, max_grad_norm=1.0)
         ema.update(modules)
         losses.append(loss.item())
-        if step % 50 == 0 or step == steps - 1:
-            el = time.time() - t0
-            done = step + 1 - start
-            _log(f'{name} {step}/{steps} loss {np.mean(losses[-50:]):.4f} {done * batch / el:.1f} samples/s, '
-                 f'eta {el / done * (steps - step - 1) / 60:.1f} min')
+        _progress(name, step, steps, losses, step + 1 - start, batch, t0)
         if (step + 1) % 500 == 0 and step + 1 < steps:
             torch.save({'modules': modules.state_dict(), 'opt': opt.state_dict(), 'ema': ema.shadow,
                         'ema_n': ema.n, 'step': step + 1}, ckpt)
     ema.copy_to(modules)
     torch.save({'modules': modules.state_dict(), 'arch': arch, 'losses': losses}, path)
-    _log(f'{name}: done in {(time.time() - t0) / 60:.1f} min')
+    log(f'{name}: done in {(time.time() - t0) / 60:.1f} min')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -262,7 +251,7 @@ def stage_guidance(work: Path, steps: int, batch: int, lr: float, guidance_range
                    ema_decay: float, seed: int, arch: dict, ft_rounds: int = 1) -> None:
     path = work / 'guidance.pt'
     if path.exists():
-        _log(f'guidance: {path} exists')
+        log(f'guidance: {path} exists')
         return
     images, captions = _load_pool(work)
     latents = torch.load(work / 'latents.pt')
@@ -272,7 +261,7 @@ def stage_guidance(work: Path, steps: int, batch: int, lr: float, guidance_range
     done = [f'{_ft_name(r)}.pt' for r in range(ft_rounds) if (work / f'{_ft_name(r)}.pt').exists()]
     source = done[-1] if done else 't2i.pt'
     modules.load_state_dict(torch.load(work / source)['modules'])
-    _log(f'guidance: distilling {source}')
+    log(f'guidance: distilling {source}')
     modules.eval().requires_grad_(False)
     student = copy.deepcopy(base).train().requires_grad_(True)
     ema = EMA(student, ema_decay)
@@ -284,7 +273,7 @@ def stage_guidance(work: Path, steps: int, batch: int, lr: float, guidance_range
     lo, hi = guidance_range
     for step in range(steps):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + 7 * step + 1)
-        _set_lr(opt, _lr(step, steps, lr, 50))
+        _set_lr(opt, step, steps, lr, 50)
         idx = torch.randint(len(latents), (batch,), generator=gen)
         x0 = latents[idx]
         with torch.no_grad():
@@ -301,20 +290,14 @@ def stage_guidance(work: Path, steps: int, batch: int, lr: float, guidance_range
             target = v_u + w.view(-1, 1, 1, 1) * (v_c - v_u)
         pred = fam.velocity(student, x_t, sigma, cond, w)
         loss = F.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, student, max_grad_norm=1.0)
         ema.update(student)
         losses.append(loss.item())
-        if step % 50 == 0 or step == steps - 1:
-            el = time.time() - t0
-            _log(f'guidance {step}/{steps} loss {np.mean(losses[-50:]):.4f} {(step + 1) * batch / el:.1f} '
-                 f'samples/s, eta {el / (step + 1) * (steps - step - 1) / 60:.1f} min')
+        _progress('guidance', step, steps, losses, step + 1, batch, t0)
     ema.copy_to(student)
     modules['transformer'] = student
     torch.save({'modules': modules.state_dict(), 'arch': arch, 'losses': losses}, path)
-    _log(f'guidance: done in {(time.time() - t0) / 60:.1f} min')
+    log(f'guidance: done in {(time.time() - t0) / 60:.1f} min')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -333,7 +316,7 @@ def stage_save(work: Path, out: Path, seed: int, arch: dict, source: str = 'guid
                         transformer=net.eval())
     pipe.save_pretrained(out, safe_serialization=True)
     size = sum(f.stat().st_size for f in out.rglob('*') if f.is_file())
-    _log(f'save: {out} ({size / 2**20:.2f} MiB)')
+    log(f'save: {out} ({size / 2**20:.2f} MiB)')
 
 
 def main(argv=None) -> None:
@@ -391,7 +374,7 @@ def main(argv=None) -> None:
                        a.seed, arch, a.ft_rounds if a.ft_steps > 0 else 0)
     if 'save' in stages:
         stage_save(work, out, a.seed, arch)
-    _log(f'total {(time.time() - t) / 60:.1f} min')
+    log(f'total {(time.time() - t) / 60:.1f} min')
 
 
 if __name__ == '__main__':

@@ -30,15 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from senseflow_algos.shapes import components as C
+from senseflow_algos.shapes.training import log, optimizer_step, warmup_cosine
 from senseflow_algos.shapes.world import render, sample_scene
 
 VFM_MODEL = 'vit_small_patch14_dinov2'
 VFM_KWARGS = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)
 WORLD_SEED = 4000
-
-
-def _log(msg):
-    print(f'[{time.strftime("%H:%M:%S")}] {msg}', flush=True)
 
 
 def build_backbone(weights: str | Path | None = None):
@@ -125,32 +122,29 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     t0 = time.time()
     images = torch.from_numpy(np.stack([render(sample_scene(WORLD_SEED, i)) for i in range(a.pool)])) * 2 - 1
-    _log(f'rendered {a.pool} images in {time.time() - t0:.0f}s')
+    log(f'rendered {a.pool} images in {time.time() - t0:.0f}s')
     model = SimMIM(build_backbone()).train()
     model.backbone.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.05, betas=(0.9, 0.95))
     warm = max(1, a.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + np.cos(np.pi * (s - warm) / max(1, a.steps - warm))))
+        opt, lambda s: warmup_cosine(s, a.steps, warm))
     gen = torch.Generator().manual_seed(a.seed)
     grid = 32 // model.patch
     background_mse = float((images - images[:, :, :1, :1]).pow(2).mean())  # predicting the background everywhere
-    _log(f'baseline (background everywhere) MSE {background_mse:.4f}')
+    log(f'baseline (background everywhere) MSE {background_mse:.4f}')
     t1, losses = time.time(), []
     for step in range(a.steps):
         x = images[torch.randint(a.pool, (a.batch,), generator=gen)]
         mask = torch.rand(a.batch, grid, grid, generator=gen).flatten(1).argsort(1) < int(a.mask_ratio * grid * grid)
         loss = model(x, mask.view(a.batch, grid, grid))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, model, max_grad_norm=1.0)
         sched.step()
         losses.append(loss.item())
         if step % 100 == 0 or step == a.steps - 1:
             el = time.time() - t1
-            _log(f'step {step}/{a.steps} masked-patch MSE {np.mean(losses[-100:]):.4f} '
-                 f'{(step + 1) * a.batch / el:.0f} img/s')
+            log(f'step {step}/{a.steps} masked-patch MSE {np.mean(losses[-100:]):.4f} '
+                f'{(step + 1) * a.batch / el:.0f} img/s')
     vit = model.backbone.model.eval()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -158,10 +152,10 @@ def main(argv=None):
 
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(out),
               metadata={'model': VFM_MODEL, **{k: str(v) for k, v in VFM_KWARGS.items()}})
-    _log(f'saved {out} ({out.stat().st_size / 1024:.0f} KiB); final masked-patch MSE {np.mean(losses[-100:]):.4f}, '
-         f'{(time.time() - t0) / 60:.1f} min')
-    _log(f'linear probe (exact set of colour-shape pairs, held out): pretrained {linear_probe(build_backbone(out)):.3f}'
-         f', random init {linear_probe(build_backbone()):.3f}')
+    log(f'saved {out} ({out.stat().st_size / 1024:.0f} KiB); final masked-patch MSE {np.mean(losses[-100:]):.4f}, '
+        f'{(time.time() - t0) / 60:.1f} min')
+    log(f'linear probe (exact set of colour-shape pairs, held out): pretrained {linear_probe(build_backbone(out)):.3f}'
+        f', random init {linear_probe(build_backbone()):.3f}')
 
 
 if __name__ == '__main__':

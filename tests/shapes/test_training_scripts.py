@@ -1,0 +1,46 @@
+"""The shapes training scripts' shared pieces, and a tiny end-to-end run of the teacher script."""
+
+import math
+
+import pytest
+import torch
+
+from senseflow_algos.shapes.training import optimizer_step, warmup_cosine
+
+
+def test_warmup_cosine_formula():
+    assert [warmup_cosine(s, 100, 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert warmup_cosine(4, 100, 4) == 1.0
+    assert warmup_cosine(52, 100, 4) == pytest.approx(0.5)
+    assert warmup_cosine(100, 100, 4) == pytest.approx(0.0, abs=1e-12)
+    assert warmup_cosine(100, 100, 4, floor=0.1) == pytest.approx(0.1)
+    p = (30 - 4) / 96
+    assert warmup_cosine(30, 100, 4, floor=0.1) == 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def test_optimizer_step_clips_and_steps():
+    w = torch.nn.Linear(4, 1, bias=False)
+    opt = torch.optim.SGD(w.parameters(), lr=1.0)
+    before = w.weight.detach().clone()
+    loss = (w(torch.full((1, 4), 100.0))).sum()
+    optimizer_step(opt, loss, w, max_grad_norm=1.0)
+    # Gradient 100 per entry, clipped to norm 1: every entry moves by exactly 0.5.
+    assert torch.allclose(before - w.weight.detach(), torch.full((1, 4), 0.5))
+
+
+def test_teacher_script_end_to_end(tmp_path):
+    from senseflow_algos.shapes import components as C
+    from senseflow_algos.shapes.train_teacher import main
+
+    work, out = tmp_path / 'work', tmp_path / 'teacher'
+    main(['--out', str(out), '--work', str(work), '--pool', '64', '--vae-steps', '2', '--vae-batch', '4',
+          '--t2i-steps', '2', '--t2i-batch', '4', '--ft-steps', '2', '--guidance-steps', '2', '--guidance-batch', '4',
+          '--heads', '2', '--head-dim', '16', '--double', '1', '--single', '1'])
+    assert {'t2i.pt', 't2i_ft.pt', 't2i_ft2.pt', 'guidance.pt'} <= {p.name for p in work.iterdir()}
+    pipe = C.load_teacher(out)
+    saved = torch.load(work / 'guidance.pt')['modules']
+    for k, v in pipe.transformer.state_dict().items():
+        assert torch.equal(v, saved[f'transformer.{k}']), k
+    # The guidance stage changed the distilled transformer (it is not the fine-tuned one copied).
+    ft = torch.load(work / 't2i_ft2.pt')['modules']
+    assert any(not torch.equal(v, ft[k]) for k, v in saved.items() if k.startswith('transformer.'))
