@@ -17,7 +17,7 @@ test-slow: install
 	$(PYTHON) -m pytest tests -q -m slow
 
 lint: install
-	$(PYTHON) -m ruff check senseflow_algos tests train.py
+	$(PYTHON) -m ruff check senseflow_algos tests bench data_prep train.py export.py eval.py
 
 demo: install
 	composer train.py yamls/shapes.yaml

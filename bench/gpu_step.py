@@ -9,14 +9,18 @@ seconds per generator update split by phase, peak memory, and model FLOP utilisa
 
     bash bench/run_gpu_step.sh            # one command; sized for < 5 minutes on one H200
     python bench/gpu_step.py --tiny       # CPU smoke test of the script itself
+    python bench/gpu_step.py --fsdp [--cpu-offload]   # the same step FSDP-wrapped as in yamls/flux.yaml (1 process)
 
-Writes ``bench/results/gpu_step.{md,json}`` (``gpu_step_tiny`` with ``--tiny``).
+Writes ``bench/results/gpu_step{_fsdp,_fsdp_offload}{_tiny}.{md,json}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import resource
 import sys
 import time
 from collections import defaultdict
@@ -34,6 +38,8 @@ from senseflow_algos.algorithms import ImplicitDistributionAlignment, IntraSegme
 from senseflow_algos.models.dmd import DMDModel  # noqa: E402
 from senseflow_algos.models.families import Components, FluxFamily  # noqa: E402
 from senseflow_algos.models.families.flux import without_guidance_embedding  # noqa: E402
+from senseflow_algos.models.fsdp import prepare_for_fsdp  # noqa: E402
+from senseflow_algos.models.fsdp_offload import GPUWithCPUCollectives, fsdp2_cpu_offload  # noqa: E402
 from senseflow_algos.optim import PhasedAdamW  # noqa: E402
 
 #: bf16 dense peak of one H200 (H100 SXM class), for MFU.
@@ -92,6 +98,10 @@ def main(argv=None) -> int:
     parser.add_argument('--cycles', type=int, default=2, help='generator updates timed (after one warm-up cycle)')
     parser.add_argument('--gen-every', type=int, default=5)
     parser.add_argument('--tiny', action='store_true', help='tiny widths and 64 px: a CPU smoke test of this script')
+    parser.add_argument('--fsdp', action='store_true', help='wrap as yamls/flux.yaml does: per-block FULL_SHARD, '
+                        'activation checkpointing of generator and fake score (FSDP1 on a GPU, FSDP2 on a CPU)')
+    parser.add_argument('--cpu-offload', action='store_true', help='FSDP2 with sharded parameters, gradients and '
+                        'optimizer state in CPU memory (trainer.parallelism_config.fsdp.cpu_offload); implies --fsdp')
     parser.add_argument('--out', type=Path, default=REPO / 'bench' / 'results')
     args = parser.parse_args(argv)
     if args.tiny:
@@ -119,10 +129,24 @@ def main(argv=None) -> int:
     optimizer = PhasedAdamW(model.param_groups(), controller=model, lr=1e-5, betas=(0.9, 0.999), weight_decay=0.0,
                             max_grad_norm=1.0)
     timer = PhaseTimer(sync)
-    trainer = Trainer(model=model, train_dataloader=loader, optimizers=optimizer, algorithms=algorithms,
-                      callbacks=[timer], max_duration=f'{batches}ba', device='gpu' if device.type == 'cuda' else 'cpu',
-                      precision='amp_bf16' if device.type == 'cuda' else 'fp32', progress_bar=False,
-                      log_to_console=False)
+    args.fsdp = args.fsdp or args.cpu_offload
+    trainer_device, parallelism, offload = ('gpu' if device.type == 'cuda' else 'cpu'), None, contextlib.nullcontext()
+    if args.fsdp:
+        if args.cpu_offload or device.type == 'cpu':
+            os.environ['FSDP_VERSION'] = '2'  # Composer's FSDP1 offloads nothing and needs CUDA
+        prepare_for_fsdp(model, device)
+        parallelism = {'fsdp': {'sharding_strategy': 'FULL_SHARD', 'mixed_precision': 'DEFAULT',
+                                'activation_checkpointing': True, 'activation_checkpointing_reentrant': False,
+                                'use_orig_params': True, 'state_dict_type': 'sharded'}}
+    if args.cpu_offload:
+        offload = fsdp2_cpu_offload(pin_memory=device.type == 'cuda')
+        if device.type == 'cuda':
+            trainer_device = GPUWithCPUCollectives()
+    with offload:
+        trainer = Trainer(model=model, train_dataloader=loader, optimizers=optimizer, algorithms=algorithms,
+                          callbacks=[timer], max_duration=f'{batches}ba', device=trainer_device,
+                          precision='amp_bf16' if device.type == 'cuda' else 'fp32', progress_bar=False,
+                          log_to_console=False, parallelism_config=parallelism)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     from torch.utils.flop_counter import FlopCounterMode
@@ -144,21 +168,29 @@ def main(argv=None) -> int:
         'device': torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu',
         'config': {'double_blocks': args.double, 'single_blocks': args.single, 'hidden': dims['hidden'],
                    'resolution': args.resolution, 'latent': list(latent), 'gen_every': args.gen_every,
-                   'batch_per_device': n, 'precision': 'amp_bf16' if device.type == 'cuda' else 'fp32'},
+                   'batch_per_device': n, 'precision': 'amp_bf16' if device.type == 'cuda' else 'fp32',
+                   'fsdp': f'FSDP{os.environ.get("FSDP_VERSION", "1")}' if args.fsdp else None,
+                   'cpu_offload': args.cpu_offload},
         'seconds_per_generator_update': seconds, 'seconds_by_phase': times, 'peak_memory_gib': peak,
+        'peak_host_memory_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: KiB
         'tflops_per_generator_update': flops_per_update / 1e12, 'mfu': mfu,
         'command': 'python bench/gpu_step.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
     }
-    name = 'gpu_step_tiny' if args.tiny else 'gpu_step'
+    name = 'gpu_step' + ('_fsdp' if args.fsdp else '') + ('_offload' if args.cpu_offload else '') + \
+        ('_tiny' if args.tiny else '')
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f'{name}.json').write_text(json.dumps(result, indent=2))
     lines = [f'# SenseFlow step on {result["device"]}\n', f'Command: `{result["command"].strip()}`  ',
              f'FLUX width {dims["hidden"]}, {args.double} double + {args.single} single blocks, '
-             f'{args.resolution}px, TTUR {args.gen_every}, batch {n}/device, {result["config"]["precision"]}.\n',
+             f'{args.resolution}px, TTUR {args.gen_every}, batch {n}/device, {result["config"]["precision"]}'
+             + (f', {result["config"]["fsdp"]} per-block FULL_SHARD + activation checkpointing' if args.fsdp else '')
+             + (', parameters/gradients/optimizer state offloaded to CPU' if args.cpu_offload else '') + '.\n',
              '| metric | value |', '|---|---|',
              f'| seconds per generator update ({args.gen_every} batches) | {seconds:.3f} |']
     lines += [f'| of which {phase} phases | {t:.3f} |' for phase, t in times.items()]
-    lines += [f'| peak memory (GiB) | {peak:.1f} |', f'| TFLOPs per generator update | {flops_per_update / 1e12:.2f} |',
+    lines += [f'| peak GPU memory (GiB) | {peak:.1f} |',
+              f'| peak host memory (GiB) | {result["peak_host_memory_gib"]:.1f} |',
+              f'| TFLOPs per generator update | {flops_per_update / 1e12:.2f} |',
               f'| MFU (vs {PEAK_TFLOPS[device.type]} TFLOP/s bf16) | {mfu:.1%} |']
     (args.out / f'{name}.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))

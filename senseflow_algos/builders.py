@@ -3,6 +3,7 @@ callbacks, loggers and the ``Trainer``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +32,7 @@ from senseflow_algos.data import build_synthetic_dataloader
 from senseflow_algos.models.dmd import DMDModel
 from senseflow_algos.models.factory import build_dmd_model
 from senseflow_algos.models.fsdp import prepare_for_fsdp
+from senseflow_algos.models.fsdp_offload import GPUWithCPUCollectives, fsdp2_cpu_offload, pop_cpu_offload
 from senseflow_algos.optim import PhasedAdamW
 
 __all__ = [
@@ -168,6 +170,7 @@ def build_trainer(cfg: dict[str, Any]) -> Trainer:
     """Build everything a validated run config describes and return the Composer ``Trainer``."""
     seed = cfg.get('seed', 17)
     fsdp = (cfg['trainer'].get('parallelism_config') or {}).get('fsdp') is not None
+    trainer_cfg, cpu_offload = pop_cpu_offload(cfg['trainer'], os.environ.get('FSDP_VERSION', '1'))
     if fsdp and cfg['optimizer'].get('kind') == 'adamw_8bit':
         raise ValueError('optimizer.kind=adamw_8bit is for unsharded runs (one GPU, DDP): bitsandbytes\' block-wise '
                          'state cannot be saved by a sharded (FSDP) checkpoint. Use optimizer.kind=adamw with FSDP, '
@@ -189,18 +192,25 @@ def build_trainer(cfg: dict[str, Any]) -> Trainer:
     dataloader = build_dataloader(cfg['dataset'], resolution=cfg['model']['resolution'], seed=seed)
     optimizer = build_optimizer(cfg['optimizer'], model)
     scheduler = build_scheduler(cfg.get('scheduler'))
-    trainer = Trainer(
-        model=model,
-        train_dataloader=dataloader,
-        optimizers=optimizer,
-        schedulers=scheduler,
-        algorithms=algorithms,
-        callbacks=callbacks,
-        loggers=loggers,
-        run_name=cfg.get('run_name'),
-        seed=seed,
-        **cfg['trainer'],
-    )
+    if cpu_offload and torch.cuda.is_available() and trainer_cfg.get('device', 'gpu') == 'gpu':
+        trainer_cfg = {**trainer_cfg, 'device': GPUWithCPUCollectives()}
+    offload = fsdp2_cpu_offload(pin_memory=torch.cuda.is_available()) if cpu_offload else contextlib.nullcontext()
+    with offload as offloaded:
+        trainer = Trainer(
+            model=model,
+            train_dataloader=dataloader,
+            optimizers=optimizer,
+            schedulers=scheduler,
+            algorithms=algorithms,
+            callbacks=callbacks,
+            loggers=loggers,
+            run_name=cfg.get('run_name'),
+            seed=seed,
+            **trainer_cfg,
+        )
+    if cpu_offload and dist.get_global_rank() == 0:
+        print(f'FSDP2 CPU offload: parameters, gradients and optimizer state of {offloaded.modules} sharded modules '
+              'are kept in CPU memory', flush=True)
     save_run_config(cfg, trainer)
     return trainer
 
