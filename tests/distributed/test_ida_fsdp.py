@@ -1,4 +1,4 @@
-"""IDA under FSDP2 (2 CPU processes, gloo): the shard-local lerp equals the full-parameter formula."""
+"""IDA under FSDP2 and FSDP1 (2 CPU processes, gloo): the shard-local lerp equals the full-parameter formula."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 WORKER = Path(__file__).with_name('ida_fsdp_worker.py')
 REPO = Path(__file__).resolve().parents[2]
@@ -19,13 +21,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ida_shard_local_matches_full_formula():
+@pytest.mark.parametrize('version', ['fsdp2', 'fsdp1'])
+def test_ida_shard_local_matches_full_formula(version):
     env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1'}
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
-                           str(_free_port()), str(WORKER)], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+                           str(_free_port()), str(WORKER), version], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    match = re.search(r'IDA_FSDP params=(\d+) changed=(\d+) max_abs_err=(\S+)', proc.stdout)
+    match = re.search(r'params=(\d+) held=(\d+) changed=(\d+) max_abs_err=(\S+) full_keys=(\d+)/(\d+)', proc.stdout)
     assert match, proc.stdout
-    params, changed, err = int(match[1]), int(match[2]), float(match[3])
-    assert changed > params // 2  # every rank holds a shard of most tensors
+    params, held, changed, err = int(match[1]), int(match[2]), int(match[3]), float(match[4])
+    assert changed == held > 0  # every tensor piece this rank holds moved, in place
+    assert params == int(match[5]) == int(match[6])  # all tensors of the network, none missing
     assert err < 1e-6
