@@ -31,7 +31,7 @@ from senseflow_algos.checkpointing import install_atomic_checkpoint_writes
 from senseflow_algos.data import build_synthetic_dataloader
 from senseflow_algos.models.dmd import DMDModel
 from senseflow_algos.models.factory import build_dmd_model
-from senseflow_algos.models.fsdp import prepare_for_fsdp
+from senseflow_algos.models.fsdp import fsdp_device, prepare_for_fsdp
 from senseflow_algos.models.fsdp_offload import GPUWithCPUCollectives, fsdp2_cpu_offload, pop_cpu_offload
 from senseflow_algos.optim import PhasedAdamW
 
@@ -171,6 +171,7 @@ def build_trainer(cfg: dict[str, Any]) -> Trainer:
     seed = cfg.get('seed', 17)
     fsdp = (cfg['trainer'].get('parallelism_config') or {}).get('fsdp') is not None
     trainer_cfg, cpu_offload = pop_cpu_offload(cfg['trainer'], os.environ.get('FSDP_VERSION', '1'))
+    device = fsdp_device() if fsdp else None  # before any model loads: FSDP1 without CUDA fails here
     if fsdp and cfg['optimizer'].get('kind') == 'adamw_8bit':
         raise ValueError('optimizer.kind=adamw_8bit is for unsharded runs (one GPU, DDP): bitsandbytes\' block-wise '
                          'state cannot be saved by a sharded (FSDP) checkpoint. Use optimizer.kind=adamw with FSDP, '
@@ -182,13 +183,7 @@ def build_trainer(cfg: dict[str, Any]) -> Trainer:
     loggers = build_loggers(cfg.get('loggers'), cfg)
     model = build_model(cfg['model'], seed=seed)
     if fsdp:
-        if torch.cuda.is_available():
-            prepare_for_fsdp(model, torch.device('cuda', dist.get_local_rank()))
-        elif os.environ.get('FSDP_VERSION') == '2':  # FSDP2 also shards on CPU processes (gloo), e.g. in tests
-            prepare_for_fsdp(model, torch.device('cpu'))
-        else:
-            raise ValueError('trainer.parallelism_config.fsdp needs CUDA devices (or FSDP_VERSION=2 on CPU); set '
-                             'trainer.parallelism_config=null to train without FSDP on this machine')
+        prepare_for_fsdp(model, device)
     dataloader = build_dataloader(cfg['dataset'], resolution=cfg['model']['resolution'], seed=seed)
     optimizer = build_optimizer(cfg['optimizer'], model)
     scheduler = build_scheduler(cfg.get('scheduler'))

@@ -10,12 +10,15 @@ not move the model to the GPU, so the unwrapped children and the model's own buf
 
 from __future__ import annotations
 
+import os
+
 import torch
+from composer.utils import dist
 from torch import nn
 
 from senseflow_algos.models.dmd import DMDModel
 
-__all__ = ['prepare_for_fsdp', 'transformer_block_types']
+__all__ = ['fsdp_device', 'prepare_for_fsdp', 'transformer_block_types']
 
 
 def transformer_block_types(net: nn.Module) -> tuple[type, ...]:
@@ -24,6 +27,16 @@ def transformer_block_types(net: nn.Module) -> tuple[type, ...]:
     if not types:
         raise TypeError(f'{type(net).__name__} has no transformer_blocks to wrap per block')
     return tuple(types)
+
+
+def fsdp_device() -> torch.device:
+    """This rank's device under FSDP: its GPU, or the CPU under FSDP2 (Composer's FSDP1 wraps onto CUDA devices only)."""
+    if torch.cuda.is_available():
+        return torch.device('cuda', dist.get_local_rank())
+    if os.environ.get('FSDP_VERSION') == '2':  # FSDP2 also shards on CPU processes (gloo), e.g. in tests
+        return torch.device('cpu')
+    raise ValueError('trainer.parallelism_config.fsdp needs CUDA devices (or FSDP_VERSION=2 on CPU); set '
+                     'trainer.parallelism_config=null to train without FSDP on this machine')
 
 
 def prepare_for_fsdp(model: DMDModel, device: torch.device) -> DMDModel:

@@ -1,6 +1,7 @@
-"""Composer FSDP2 on 2 CPU processes (gloo): full SenseFlow trains sharded, sharded checkpoints leave out the frozen
-networks, a run resumed from a sharded checkpoint ends with the same weights as the uninterrupted run, and parameter
-CPU offload (a no-op copy on CPU processes) shards every FSDP unit with the offload policy and changes no weight."""
+"""Composer's FSDP2 and FSDP1 on 2 CPU processes (gloo): full SenseFlow trains sharded, sharded checkpoints leave out
+the frozen networks, a run resumed from a sharded checkpoint ends with the same weights as the uninterrupted run, and
+parameter CPU offload (FSDP2; a no-op copy on CPU processes) shards every FSDP unit with the offload policy and
+changes no weight. FSDP1 runs through fsdp1_cpu_train.py, since Composer hands FSDP1 a CUDA device id."""
 
 from __future__ import annotations
 
@@ -18,11 +19,15 @@ from senseflow_algos.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 FROZEN = ('teacher.', 'vae.', 'conditioner.', 'vfm_backbone.')
+# As yamls/flux.yaml sets it (FSDP2 ignores the FSDP1-only keys with a warning).
+FSDP = ('state_dict_type: sharded, sharding_strategy: FULL_SHARD, use_orig_params: true, '
+        'activation_checkpointing: true, activation_checkpointing_reentrant: false')
+ENTRY = {'2': 'train.py', '1': 'tests/distributed/fsdp1_cpu_train.py'}
 
 
-def _train(folder: Path, *overrides: str, fsdp: str = 'state_dict_type: sharded') -> str:
-    env = {**os.environ, 'FSDP_VERSION': '2', 'OMP_NUM_THREADS': '1'}
-    cmd = [sys.executable, '-m', 'composer.cli.launcher', '-n', '2', 'train.py', 'yamls/tiny_flux.yaml',
+def _train(folder: Path, *overrides: str, version: str = '2', fsdp: str = FSDP) -> str:
+    env = {**os.environ, 'FSDP_VERSION': version, 'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, '-m', 'composer.cli.launcher', '-n', '2', ENTRY[version], 'yamls/tiny_flux.yaml',
            'trainer.max_duration=3ba', 'model.gen_every=2', 'trainer.progress_bar=false', 'trainer.save_interval=1ba',
            f'trainer.save_folder={folder}', f'trainer.parallelism_config={{fsdp: {{{fsdp}}}}}', *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -37,34 +42,41 @@ def _model_state(sharded_dir: Path, tmp: Path) -> dict:
 
 
 @pytest.fixture(scope='module')
-def straight(tmp_path_factory) -> Path:
-    """An uninterrupted 3-batch run, sharded checkpoints after every batch."""
-    folder = tmp_path_factory.mktemp('fsdp') / 'straight'
-    _train(folder)
-    return folder
+def straight(tmp_path_factory):
+    """Uninterrupted 3-batch runs per FSDP version, sharded checkpoints after every batch (each trained once)."""
+    runs = {}
+
+    def run(version: str) -> Path:
+        if version not in runs:
+            runs[version] = tmp_path_factory.mktemp(f'fsdp{version}') / 'straight'
+            _train(runs[version], version=version)
+        return runs[version]
+    return run
 
 
-def test_fsdp2_trains_checkpoints_and_resumes_exactly(straight, tmp_path):
-    _train(tmp_path / 'resumed', f'trainer.load_path={straight / "ep0-ba1"}')
-    a = _model_state(straight / 'ep0-ba3', tmp_path)
+@pytest.mark.parametrize('version', ['2', '1'])
+def test_fsdp_trains_checkpoints_and_resumes_exactly(version, straight, tmp_path):
+    folder = straight(version)
+    _train(tmp_path / 'resumed', f'trainer.load_path={folder / "ep0-ba1"}', version=version)
+    a = _model_state(folder / 'ep0-ba3', tmp_path)
     b = _model_state(tmp_path / 'resumed' / 'ep0-ba3', tmp_path)
     assert not [k for k in a if k.startswith(FROZEN)], 'frozen networks must not be in sharded checkpoints'
     assert any(k.startswith('discriminator.') for k in a) and int(a['ttur_step']) == 3
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f'resumed run differs in {different[:5]}'
-    first = _model_state(straight / 'ep0-ba1', tmp_path)
+    first = _model_state(folder / 'ep0-ba1', tmp_path)
     assert any(not torch.equal(first[k], a[k]) for k in a if k.startswith('generator.')), 'the generator trained'
 
 
 def test_fsdp2_cpu_offload_shards_every_unit_and_changes_no_weight(straight, tmp_path):
-    stdout = _train(tmp_path / 'offload', fsdp='state_dict_type: sharded, cpu_offload: true')
+    stdout = _train(tmp_path / 'offload', fsdp=FSDP + ', cpu_offload: true')
     model = build_model(load_config(REPO / 'yamls' / 'tiny_flux.yaml')['model'], seed=17)
     blocks = sum(len(getattr(getattr(model, net), kind)) for net in ('generator', 'fake_score', 'teacher')
                  for kind in ('transformer_blocks', 'single_transformer_blocks'))
     roots = 4  # generator, fake score, teacher and the discriminator heads; the small frozen networks stay unwrapped
     assert f'of {blocks + roots} sharded modules are kept in CPU memory' in stdout
-    a = _model_state(straight / 'ep0-ba3', tmp_path)
+    a = _model_state(straight('2') / 'ep0-ba3', tmp_path)
     b = _model_state(tmp_path / 'offload' / 'ep0-ba3', tmp_path)
     assert a.keys() == b.keys()
     assert not [k for k in a if not torch.equal(a[k], b[k])]
