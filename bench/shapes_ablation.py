@@ -69,10 +69,10 @@ def prefill_teacher_cache(num_prompts: int = 512, cache: str = 'runs/shapes_cach
     from senseflow_algos.shapes import components as C
     from senseflow_algos.shapes.report import (
         TeacherSampler,
-        _cache_path,
         cached_teacher_images,
         fingerprint,
         prompt_suite,
+        teacher_cache_path,
     )
 
     torch.set_num_threads(1)
@@ -80,7 +80,7 @@ def prefill_teacher_cache(num_prompts: int = 512, cache: str = 'runs/shapes_cach
     key, prompts = fingerprint(pipe.transformer), prompt_suite(num_prompts)
     sampler = TeacherSampler.from_pipeline(pipe)
     for seed in (0, 1):
-        path = _cache_path(REPO / cache, key, C.DEFAULT_STEPS, C.DEFAULT_GUIDANCE, num_prompts, seed)
+        path = teacher_cache_path(REPO / cache, key, C.DEFAULT_STEPS, C.DEFAULT_GUIDANCE, num_prompts, seed)
         if not path.exists():
             t = time.time()
             cached_teacher_images(sampler, prompts, C.DEFAULT_STEPS, C.DEFAULT_GUIDANCE, seed, path)

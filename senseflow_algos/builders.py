@@ -171,11 +171,11 @@ def build_trainer(cfg: dict[str, Any]) -> Trainer:
     seed = cfg.get('seed', 17)
     fsdp = (cfg['trainer'].get('parallelism_config') or {}).get('fsdp') is not None
     trainer_cfg, cpu_offload = pop_cpu_offload(cfg['trainer'], os.environ.get('FSDP_VERSION', '1'))
-    device = fsdp_device() if fsdp else None  # before any model loads: FSDP1 without CUDA fails here
     if fsdp and cfg['optimizer'].get('kind') == 'adamw_8bit':
         raise ValueError('optimizer.kind=adamw_8bit is for unsharded runs (one GPU, DDP): bitsandbytes\' block-wise '
                          'state cannot be saved by a sharded (FSDP) checkpoint. Use optimizer.kind=adamw with FSDP, '
                          'or trainer.parallelism_config=null')
+    device = fsdp_device() if fsdp else None  # before any model loads: FSDP1 without CUDA fails here
     install_atomic_checkpoint_writes()
     # Cheap objects first: a bad algorithm or callback setting fails before a teacher is loaded.
     algorithms = build_algorithms(cfg.get('algorithms'))

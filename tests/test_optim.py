@@ -4,28 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from optim_controller import Controller
 
 from senseflow_algos.optim import Phase, PhasedAdamW
 
 GEN, CRITIC = Phase('generator', ('generator',)), Phase('critic', ('fake_score', 'discriminator'))
-
-
-class Controller:
-
-    def __init__(self, phases):
-        self.phases, self.log = phases, []
-
-    def training_phases(self):
-        return self.phases
-
-    def begin_phase(self, phase):
-        self.log.append(('begin', phase.name))
-
-    def end_phase(self, phase):
-        self.log.append(('end', phase.name))
-
-    def end_batch(self):
-        self.log.append(('end_batch',))
 
 
 def _setup(phases, max_grad_norm=None, unused=False, on_nonfinite='stop'):

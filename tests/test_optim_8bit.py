@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from optim_controller import Controller
 
 from senseflow_algos.optim import Phase, PhasedAdamW
 
@@ -14,24 +15,6 @@ pytest.importorskip('bitsandbytes')
 from senseflow_algos.optim_8bit import PhasedAdamW8bit  # noqa: E402
 
 GEN, CRITIC = Phase('generator', ('generator',)), Phase('critic', ('fake_score',))
-
-
-class Controller:
-
-    def __init__(self, phases):
-        self.phases = phases
-
-    def training_phases(self):
-        return self.phases
-
-    def begin_phase(self, phase):
-        pass
-
-    def end_phase(self, phase):
-        pass
-
-    def end_batch(self):
-        pass
 
 
 def _pair(cls, phases, **kw):

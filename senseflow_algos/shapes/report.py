@@ -30,7 +30,8 @@ from senseflow_algos.shapes.evaluator import ShapesEvaluator, frechet_distance
 from senseflow_algos.shapes.world import render, sample_scene
 
 __all__ = ['EVAL_SEED', 'prompt_suite', 'renderer_images', 'TeacherSampler', 'evaluate_images', 'teacher_table',
-           'student_images', 'distillation_report', 'format_table', 'save_grid', 'ShapesReport']
+           'student_images', 'distillation_report', 'format_table', 'save_grid', 'ShapesReport',
+           'teacher_cache_path', 'cached_teacher_images', 'fingerprint']
 
 EVAL_SEED = 5000
 BATCH = 64
@@ -137,7 +138,8 @@ def fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
-def _cache_path(cache: Optional[Path], key: str, steps: int, guidance: float, n: int, seed: int):
+def teacher_cache_path(cache: Optional[Path], key: str, steps: int, guidance: float, n: int, seed: int):
+    """Where the teacher's reference images for these settings are cached in ``cache`` (``None``: no cache)."""
     if cache is None:
         return None
     return Path(cache) / f'teacher_{key}_s{steps}_g{guidance:g}_n{n}_seed{seed}.pt'
@@ -183,9 +185,9 @@ def distillation_report(model, evaluator: Optional[ShapesEvaluator] = None, n: i
     sampler = TeacherSampler.from_model(model)
     teacher_key = fingerprint(model.teacher) if cache is not None else ''
     ref, _ = cached_teacher_images(sampler, prompts, full_steps, guidance, seed,
-                                   _cache_path(cache, teacher_key, full_steps, guidance, n, seed))
+                                   teacher_cache_path(cache, teacher_key, full_steps, guidance, n, seed))
     full, full_spi = cached_teacher_images(sampler, prompts, full_steps, guidance, seed + 1,
-                                           _cache_path(cache, teacher_key, full_steps, guidance, n, seed + 1))
+                                           teacher_cache_path(cache, teacher_key, full_steps, guidance, n, seed + 1))
     four, four_dt = _timed(lambda: sampler.generate(prompts, 4, guidance, seed + 1))
     student, student_dt = _timed(lambda: student_images(model, prompts, seed + 1))
     rows = {}
