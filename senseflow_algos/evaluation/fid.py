@@ -1,8 +1,7 @@
-"""Fréchet distance between feature sets (FID-T, Patch FID-T), computed with numpy / scipy, and patch cropping."""
+"""Fréchet distance between feature sets (FID-T, Patch FID-T), computed with numpy, and patch cropping."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Sequence
 
 import numpy as np
@@ -19,37 +18,28 @@ def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray,
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-    """``||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` between two Gaussians.
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """``||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))`` between two Gaussians.
 
-    As in the reference FID code: when ``S1 S2`` is singular (fewer samples than dimensions) ``eps * I`` is added to
-    both covariances; a numerically complex square root with negligible imaginary diagonal is made real.
+    ``tr((S1 S2)^(1/2))`` is the sum of the square roots of the eigenvalues of the symmetric ``S1^(1/2) S2 S1^(1/2)``
+    (the same eigenvalues as ``S1 S2``). That is exact also for singular covariances (fewer samples than dimensions,
+    low-rank features), where the reference code's ``sqrtm(S1 S2)`` with an ``eps * I`` offset is biased: a set
+    against itself in the shapes evaluator's rank-36 128-d features scores -2.6e-4 that way, -1e-7 this way.
 
     Raises:
-        ValueError: On mismatched shapes or a square root with a large imaginary part.
+        ValueError: On mismatched shapes.
     """
-    from scipy import linalg
-
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f'feature statistics differ in shape: {mu1.shape} vs {mu2.shape}, {sigma1.shape} vs '
                          f'{sigma2.shape}')
     diff = mu1 - mu2
-    with warnings.catch_warnings(record=True) as caught:  # scipy warns on a singular product
-        warnings.simplefilter('always')
-        covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if caught or not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f'matrix square root has an imaginary part of {np.abs(covmean.imag).max():.3g}')
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = root1 @ sigma2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 def fid_from_features(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:

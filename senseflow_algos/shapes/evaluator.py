@@ -30,7 +30,7 @@ from torch import nn
 from senseflow_algos.shapes.components import EVALUATOR_WEIGHTS, RESOLUTION
 from senseflow_algos.shapes.world import COLOURS, POSITIONS, RELATIONS, SHAPES, parse_caption
 
-__all__ = ['COMBOS', 'EvaluatorNet', 'ShapesEvaluator', 'frechet_distance', 'combo_index', 'METRICS']
+__all__ = ['COMBOS', 'EvaluatorNet', 'ShapesEvaluator', 'combo_index', 'METRICS']
 
 COMBOS = [(c, s) for c in COLOURS for s in SHAPES]
 _COMBO_INDEX = {cs: i for i, cs in enumerate(COMBOS)}
@@ -78,22 +78,6 @@ class EvaluatorNet(nn.Module):
                 'aux': self.aux(emb).view(-1, len(COMBOS), 4), 'quality': self.quality(emb)}
 
 
-def frechet_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets ``(N, D)``, ``(M, D)``.
-
-    ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))``, the last trace computed as the sum of the square roots
-    of the eigenvalues of the symmetric ``S1^(1/2) S2 S1^(1/2)`` (stable for singular covariances).
-    """
-    a, b = (np.asarray(x, dtype=np.float64) for x in (a, b))
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    w, v = np.linalg.eigh(s1)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = root1 @ s2 @ root1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    return float(((mu1 - mu2)**2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
-
-
 class ShapesEvaluator:
     """The trained evaluator network with prompt checking and FD.
 
@@ -131,7 +115,9 @@ class ShapesEvaluator:
 
     def fd(self, images_a: torch.Tensor, images_b: torch.Tensor) -> float:
         """Fréchet distance between two image sets in the evaluator's feature space."""
-        return frechet_distance(self.features(images_a), self.features(images_b))
+        from senseflow_algos.evaluation.fid import fid_from_features
+
+        return fid_from_features(self.features(images_a), self.features(images_b))
 
     @staticmethod
     def detect(presence: torch.Tensor, centre: torch.Tensor, threshold: float = 0.5) -> set[tuple[str, str]]:

@@ -25,8 +25,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from senseflow_algos.evaluation.fid import fid_from_features
 from senseflow_algos.shapes import components as C
-from senseflow_algos.shapes.evaluator import ShapesEvaluator, frechet_distance
+from senseflow_algos.shapes.evaluator import ShapesEvaluator
 from senseflow_algos.shapes.world import render, sample_scene
 
 __all__ = ['EVAL_SEED', 'prompt_suite', 'renderer_images', 'TeacherSampler', 'evaluate_images', 'teacher_table',
@@ -115,9 +116,9 @@ def evaluate_images(evaluator: ShapesEvaluator, images: torch.Tensor, prompts: S
     feats = evaluator.features(images)
     row = {'acc': {g: s[g] for g in ('single', 'two', 'all')}}
     if reference is not None:
-        row['fd_t'] = frechet_distance(feats, evaluator.features(reference))
+        row['fd_t'] = fid_from_features(feats, evaluator.features(reference))
     if real is not None:
-        row['fd_r'] = frechet_distance(feats, evaluator.features(real))
+        row['fd_r'] = fid_from_features(feats, evaluator.features(real))
     return row
 
 

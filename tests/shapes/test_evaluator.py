@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from senseflow_algos.evaluation.fid import fid_from_features as frechet_distance
 from senseflow_algos.shapes.components import EVALUATOR_WEIGHTS
-from senseflow_algos.shapes.evaluator import COMBOS, ShapesEvaluator, frechet_distance
+from senseflow_algos.shapes.evaluator import COMBOS, ShapesEvaluator
 from senseflow_algos.shapes.train_evaluator import render_targets
 
 pytestmark = pytest.mark.skipif(not EVALUATOR_WEIGHTS.exists(), reason='evaluator weights not shipped')
