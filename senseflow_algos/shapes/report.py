@@ -38,17 +38,20 @@ EVAL_SEED = 5000
 BATCH = 64
 
 
+def _suite_scenes(n: int, seed: int):
+    """``n // 2`` one-shape scenes of world seed ``seed``, then ``n - n // 2`` two-shape ones of ``seed + 1``."""
+    return ([sample_scene(seed, i, num_objects=1) for i in range(n // 2)] +
+            [sample_scene(seed + 1, i, num_objects=2) for i in range(n - n // 2)])
+
+
 def prompt_suite(n: int, seed: int = EVAL_SEED) -> list[str]:
     """``n`` evaluation captions: ``n // 2`` one-shape, the rest two-shape (world seeds ``seed``, ``seed + 1``)."""
-    return ([sample_scene(seed, i, num_objects=1).caption for i in range(n // 2)] +
-            [sample_scene(seed + 1, i, num_objects=2).caption for i in range(n - n // 2)])
+    return [scene.caption for scene in _suite_scenes(n, seed)]
 
 
 def renderer_images(n: int, seed: int = EVAL_SEED) -> torch.Tensor:
     """The renderer's images of :func:`prompt_suite` ``(n, 3, 32, 32)`` in [-1, 1]."""
-    scenes = ([sample_scene(seed, i, num_objects=1) for i in range(n // 2)] +
-              [sample_scene(seed + 1, i, num_objects=2) for i in range(n - n // 2)])
-    return torch.from_numpy(np.stack([render(s) for s in scenes])) * 2 - 1
+    return torch.from_numpy(np.stack([render(s) for s in _suite_scenes(n, seed)])) * 2 - 1
 
 
 def _noise(n: int, shape, seed: int) -> torch.Tensor:
@@ -342,11 +345,7 @@ def main(argv=None) -> None:
     sampler = TeacherSampler.from_pipeline(C.load_teacher(a.teacher))
     configs = [(s, g) for g in a.guidance for s in a.steps]
     report = teacher_table(sampler, ShapesEvaluator(), a.n, configs)
-    print(format_table(report))
-    if a.out:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / 'report.json').write_text(json.dumps(report, indent=1, default=float))
-        (Path(a.out) / 'report.md').write_text(format_table(report) + '\n')
+    print(write_report(report, a.out) if a.out else format_table(report))
 
 
 if __name__ == '__main__':

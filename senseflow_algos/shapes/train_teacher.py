@@ -108,7 +108,11 @@ def stage_data(work: Path, pool_size: int) -> None:
 def _load_pool(work: Path):
     d = np.load(work / 'pool.npz')
     images = torch.from_numpy(d['images']).float().div_(127.5).sub_(1.0)
-    return images, [str(c) for c in d['captions']]
+    return images, _pool_captions(work)
+
+
+def _pool_captions(work: Path) -> list[str]:
+    return [str(c) for c in np.load(work / 'pool.npz')['captions']]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -171,7 +175,7 @@ def _encode_pool_latents(work: Path, vae, images: torch.Tensor) -> torch.Tensor:
     return lat
 
 
-def _text_modules(work: Path, seed: int):
+def _text_modules(seed: int):
     tok, tok2 = C.build_tokenizers()
     clip, t5 = C.build_text_encoders(tok, tok2, seed)
     return tok, tok2, clip, t5
@@ -191,7 +195,7 @@ def stage_t2i(work: Path, steps: int, batch: int, lr: float, dropout: float, ema
     vae = AutoencoderKL.from_pretrained(work / 'vae').eval()
     images, captions = _load_pool(work)
     latents = _encode_pool_latents(work, vae, images)
-    tok, tok2, clip, t5 = _text_modules(work, seed)
+    tok, tok2, clip, t5 = _text_modules(seed)
     net = C.build_transformer(seed, **arch).train()
     clip.train(), t5.train()
     modules = torch.nn.ModuleDict({'transformer': net, 'text_encoder': clip, 'text_encoder_2': t5})
@@ -253,9 +257,9 @@ def stage_guidance(work: Path, steps: int, batch: int, lr: float, guidance_range
     if path.exists():
         log(f'guidance: {path} exists')
         return
-    images, captions = _load_pool(work)
+    captions = _pool_captions(work)  # the pool is used through its encoded latents here
     latents = torch.load(work / 'latents.pt')
-    tok, tok2, clip, t5 = _text_modules(work, seed)
+    tok, tok2, clip, t5 = _text_modules(seed)
     base = C.build_transformer(seed, **arch)
     modules = torch.nn.ModuleDict({'transformer': base, 'text_encoder': clip, 'text_encoder_2': t5})
     done = [f'{_ft_name(r)}.pt' for r in range(ft_rounds) if (work / f'{_ft_name(r)}.pt').exists()]
@@ -307,7 +311,7 @@ def stage_guidance(work: Path, steps: int, batch: int, lr: float, guidance_range
 def stage_save(work: Path, out: Path, seed: int, arch: dict, source: str = 'guidance.pt') -> None:
     from diffusers import AutoencoderKL, FluxPipeline
 
-    tok, tok2, clip, t5 = _text_modules(work, seed)
+    tok, tok2, clip, t5 = _text_modules(seed)
     net = C.build_transformer(seed, **arch)
     modules = torch.nn.ModuleDict({'transformer': net, 'text_encoder': clip, 'text_encoder_2': t5})
     modules.load_state_dict(torch.load(work / source)['modules'])
