@@ -10,6 +10,7 @@ import sys
 from typing import Sequence
 
 from senseflow_algos.config import ConfigError, load_config, validate_config
+from senseflow_algos.preflight import preflight
 
 USAGE = 'usage: composer train.py yamls/<name>.yaml [dotted.key=value ...]'
 
@@ -23,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(argv[0], argv[1:])
         validate_config(cfg, source=argv[0])
+        preflight(cfg, source=argv[0])
     except ConfigError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
