@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from senseflow_algos.checks.placeholders import check_no_placeholders
+from senseflow_algos.checks.teacher_source import check_teacher_source
+from senseflow_algos.checks.training_data import check_training_data
 from senseflow_algos.config import ConfigError
 
 __all__ = ['CHECKS', 'ConfigError', 'preflight']
@@ -18,7 +21,11 @@ __all__ = ['CHECKS', 'ConfigError', 'preflight']
 Check = Callable[[dict[str, Any], str], None]
 
 #: The checks :func:`preflight` runs, in order (cheap and local first; a network lookup last).
-CHECKS: list[Check] = []
+CHECKS: list[Check] = [
+    check_no_placeholders,
+    check_training_data,
+    check_teacher_source,
+]
 
 
 def preflight(cfg: dict[str, Any], source: str = 'config') -> None:

@@ -122,7 +122,8 @@ def test_full_config_from_pretrained_folder(family, yaml_name, tmp_path, make_tr
     trainer, rec = make_trainer(yaml_name, edit=offline_discriminator, overrides=[
         f'model.pretrained={folder}', 'model.resolution=32', 'model.dtype=fp32', 'model.teacher_dtype=fp32',
         'trainer.precision=fp32', 'trainer.device=cpu', 'trainer.max_duration=3ba', 'trainer.autoresume=false', 'trainer.parallelism_config=null',
-        'dataset.global_batch_size=2', f'trainer.save_folder={tmp_path / "ckpt"}',
+        'dataset.global_batch_size=2', 'dataset.kind=synthetic', 'dataset.num_samples=64',
+        f'trainer.save_folder={tmp_path / "ckpt"}',
         # Every batch a generator batch, and an lr large enough that the generator visibly moves even inside
         # the SD 3.5 configs' 500-batch linear warmup (under which Composer gives batches 1 and 2 lr 0).
         'model.gen_every=1', 'optimizer.lr=1.0e-3'

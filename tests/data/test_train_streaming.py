@@ -153,7 +153,7 @@ def test_prompt_only_data_trains_by_backward_simulation(make_trainer, tmp_path, 
 
 
 def test_production_config_switches_to_precomputed_by_overrides(precomputed):
-    """The README's override set turns yamls/flux.yaml (synthetic data) into a precomputed-MDS run."""
+    """The README's override set turns yamls/flux.yaml (online-encoded images) into a precomputed-MDS run."""
     from senseflow_algos.builders import build_dataloader
     from senseflow_algos.config import load_config, validate_config
 
