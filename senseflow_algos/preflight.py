@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from senseflow_algos.checks.placeholders import check_no_placeholders
 from senseflow_algos.checks.teacher_source import check_teacher_source
+from senseflow_algos.checks.trained_precision import check_trained_precision
 from senseflow_algos.checks.training_data import check_training_data
 from senseflow_algos.config import ConfigError
 
@@ -24,6 +25,7 @@ Check = Callable[[dict[str, Any], str], None]
 CHECKS: list[Check] = [
     check_no_placeholders,
     check_training_data,
+    check_trained_precision,
     check_teacher_source,
 ]
 

@@ -11,6 +11,13 @@ from composer.loggers import Logger
 from torch import nn
 
 from senseflow_algos.algorithms.utils import get_dmd_model
+from senseflow_algos.stochastic_rounding import (
+    DeviceGenerators,
+    copy_stochastic_,
+    draw_seed,
+    is_low_precision,
+    local_tensor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +56,23 @@ def _reshard(module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def align_fake_score(fake_score: nn.Module, generator: nn.Module, lam: float = 0.97) -> None:
+def align_fake_score(fake_score: nn.Module, generator: nn.Module, lam: float = 0.97,
+                     rounding: Optional[torch.Generator] = None) -> None:
     """``phi <- lam * phi + (1 - lam) * theta`` for every trainable fake-score tensor ``phi``.
 
     ``theta`` is the generator tensor of the same name. The update is in place and tensor-local: under FSDP (both
-    networks wrapped identically) each rank lerps its own shards, with no gather and no extra copy.
+    networks wrapped identically) each rank lerps its own shards, with no gather (and no copy of fp32 tensors). A bf16/fp16
+    ``phi`` is lerped in fp32 and written back with stochastic rounding: a round-to-nearest lerp would drop every
+    move smaller than half a bf16 spacing (``(1 - lam) * |theta - phi|`` is often below it), while a stochastically
+    rounded one moves ``phi`` by the exact amount in expectation.
 
     Args:
         fake_score (nn.Module): The network updated in place.
         generator (nn.Module): The network it is pulled toward (unchanged).
         lam (float): Weight kept on the fake score, in [0, 1]. Default: ``0.97``.
+        rounding (torch.Generator, optional): Source of the rounding bits for low-precision tensors (the trainer
+            passes the DMD model's per-batch stream, so a resumed run rounds identically). Default: torch's global
+            generator.
 
     Example:
         .. code-block:: python
@@ -71,8 +85,15 @@ def align_fake_score(fake_score: nn.Module, generator: nn.Module, lam: float = 0
     _reshard(fake_score)
     _reshard(generator)
     dst, src = _matched_parameters(fake_score, generator)
-    if dst:
-        torch._foreach_lerp_(dst, [s.to(d.dtype) for s, d in zip(src, dst)], 1.0 - lam)
+    exact = [(d, s) for d, s in zip(dst, src) if not is_low_precision(d)]
+    if exact:
+        torch._foreach_lerp_([d for d, _ in exact], [s.to(d.dtype) for d, s in exact], 1.0 - lam)
+    low = [(d, s) for d, s in zip(dst, src) if is_low_precision(d)]
+    if low:
+        generators = DeviceGenerators(draw_seed(rounding))
+        for d, s in low:
+            phi = local_tensor(d).float().lerp_(local_tensor(s).float(), 1.0 - lam)
+            copy_stochastic_(d, phi, generators(phi.device))
 
 
 class ImplicitDistributionAlignment(Algorithm):
@@ -113,7 +134,7 @@ class ImplicitDistributionAlignment(Algorithm):
         if event == Event.INIT:
             _matched_parameters(model.fake_score, model.generator)  # fail at start-up, not after the first step
             return None
-        align_fake_score(model.fake_score, model.generator, self.lam)
+        align_fake_score(model.fake_score, model.generator, self.lam, rounding=model.rng('ida_rounding', per_rank=False))
         self.num_updates += 1
         logger.log_metrics({'ida/num_updates': self.num_updates})
         return None
