@@ -35,7 +35,6 @@ def test_train_py_refuses_bf16_weights_without_stochastic_rounding():
 @pytest.mark.parametrize('overrides', [
     ['model.dtype=bf16'],
     ['model.dtype=fp16'],
-    ['model.dtype=bf16', 'model.lora={rank: 4}'],
     ['model.dtype=bf16', 'optimizer.stochastic_rounding=true', 'optimizer.kind=adamw_8bit'],
     ['optimizer.stochastic_rounding=true', 'optimizer.kind=adamw_8bit'],
 ])
@@ -49,15 +48,16 @@ def test_refused(overrides):
     ['model.dtype=fp32', 'model.teacher_dtype=bf16'],
     ['model.dtype=bf16', 'optimizer.stochastic_rounding=true'],
     ['model.dtype=fp16', 'optimizer.stochastic_rounding=true', 'model.lora={rank: 4}'],
+    ['model.dtype=bf16', 'model.lora={rank: 4}'],  # frozen bf16 base, fp32 adapters
     ['optimizer.kind=adamw_8bit'],
 ])
 def test_accepted(overrides):
     check_trained_precision(_cfg(*overrides), 'tiny_flux.yaml')
 
 
-def test_lora_adapters_on_a_bf16_base_are_bf16(tmp_path):
-    """What the check assumes: diffusers' add_adapter does not upcast adapters (peft's autocast_adapter_dtype applies
-    through get_peft_model only), so with model.dtype=bf16 the adapters train in bf16 and need stochastic rounding.
+def test_lora_adapters_on_a_bf16_base_are_fp32_and_take_small_steps(tmp_path):
+    """What the check assumes: with model.dtype=bf16 and LoRA the frozen base is bf16 and the adapters fp32, and a
+    lr-1e-5 AdamW step moves every adapter weight (a bf16 adapter of the same magnitudes would mostly stay put).
     (The from_pretrained path: tiny models ignore model.dtype.)"""
     import torch
 
@@ -68,5 +68,24 @@ def test_lora_adapters_on_a_bf16_base_are_bf16(tmp_path):
     cfg = _cfg('model.tiny=false', f'model.pretrained={folder}', 'model.dtype=bf16', 'model.lora={rank: 4}')
     model = build_model(cfg['model'], seed=17)
     trained = [p for group in model.param_groups() for p in group['params']]
-    assert trained and {p.dtype for p in trained} == {torch.bfloat16}
+    assert trained and {p.dtype for p in trained} == {torch.float32}
     assert all('lora' in n for n, p in model.generator.named_parameters() if p.requires_grad)
+    assert {p.dtype for p in model.generator.parameters() if not p.requires_grad} == {torch.bfloat16}
+    # The adapted layer runs: bf16 input, fp32 adapter, output in the base's dtype.
+    x = torch.randn(2, 4, 8, 8)
+    cond = {'prompt_embeds': torch.randn(2, 6, model.generator.config.joint_attention_dim),
+            'pooled_prompt_embeds': torch.randn(2, model.generator.config.pooled_projection_dim)}
+    lora_b = [p for n, p in model.generator.named_parameters() if 'lora_B' in n]
+    with torch.no_grad():
+        for p in lora_b:
+            p.normal_(0, 0.02)  # non-zero B so the adapters change the output
+    v = model.family.velocity(model.generator, x, torch.full((2,), 0.5), cond)
+    v.square().mean().backward()
+    before = [p.detach().clone() for p in trained]
+    opt = torch.optim.AdamW(trained, lr=1e-5, weight_decay=0.0)
+    opt.step()
+    with_grad = [(b, p) for b, p in zip(before, trained) if p.grad is not None and p.grad.abs().sum() > 0]
+    assert with_grad
+    moved = sum(int((b != p.detach()).sum()) for b, p in with_grad)
+    total = sum(b.numel() for b, _ in with_grad)
+    assert moved / total > 0.99

@@ -1,8 +1,8 @@
 """Trained weights must be able to take small steps: bf16/fp16 trained weights need stochastic rounding.
 
-``model.dtype`` is the dtype of the trained networks (generator and fake score; with ``model.lora`` their adapters
-too: diffusers' ``add_adapter`` creates them in the base weights' dtype, peft's fp32 upcast applies only through
-``get_peft_model``). The VFM discriminator heads are built in fp32. Round-to-nearest AdamW on bf16 weights loses
+``model.dtype`` is the dtype of the trained networks (generator and fake score). With ``model.lora`` only their
+adapters train, and those are always fp32 (:func:`~senseflow_algos.models.lora.apply_lora`), so a bf16 base is fine.
+The VFM discriminator heads are built in fp32. Round-to-nearest AdamW on bf16 weights loses
 every step below half a bf16 spacing, so such a config is refused unless ``optimizer.stochastic_rounding`` is on.
 """
 
@@ -37,10 +37,9 @@ def check_trained_precision(cfg: dict[str, Any], source: str) -> None:
         raise ConfigError(f'{source}: optimizer.stochastic_rounding: true needs optimizer.kind: adamw (bitsandbytes\' '
                           '8-bit AdamW updates each weight inside its own kernel); with adamw_8bit keep fp32 master '
                           'weights (model.dtype: fp32) and drop optimizer.stochastic_rounding')
-    if dtype == 'fp32':
-        return
-    trained = 'the LoRA adapters (created in the base dtype)' if (cfg.get('model') or {}).get('lora') else \
-        'the generator and fake score'
+    if dtype == 'fp32' or (cfg.get('model') or {}).get('lora') is not None:
+        return  # fp32 masters; or LoRA: frozen base in `dtype`, fp32 adapters
+    trained = 'the generator and fake score'
     if kind == 'adamw_8bit':
         raise ConfigError(f'{source}: model.dtype: {dtype} trains {trained} in {dtype} with optimizer.kind: '
                           f'adamw_8bit, which has no stochastic rounding: {LOW_PRECISION_REASON}. With adamw_8bit use '

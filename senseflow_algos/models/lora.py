@@ -1,7 +1,9 @@
 """LoRA for the generator and the fake score (peft): train low-rank adapters instead of all weights.
 
 With LoRA only the adapters are trainable, so the optimizer holds states for them alone and IDA aligns the fake
-score's adapters to the generator's (it lerps trainable tensors only). Both networks start from the same base
+score's adapters to the generator's (it lerps trainable tensors only). The adapters are fp32 master weights whatever
+the base's dtype (diffusers' ``add_adapter`` creates them in the base dtype; a bf16 adapter would round small Adam
+steps away), and peft casts the layer input to the adapter's dtype and the sum back to the base's. Both networks start from the same base
 weights with zero-initialised adapter outputs, i.e. exactly the teacher (FLUX: without guidance embedding).
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 from torch import nn
 
 __all__ = ['apply_lora', 'DEFAULT_LORA_TARGETS']
@@ -41,4 +44,7 @@ def apply_lora(net: nn.Module, rank: int = 64, alpha: Optional[float] = None,
     except ValueError as e:
         raise ValueError(f'model.lora.target_modules={list(target_modules)} does not fit {type(net).__name__}: {e}') \
             from None
+    for param in net.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(torch.float32)
     return net
