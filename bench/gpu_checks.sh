@@ -2,7 +2,9 @@
 # Every GPU check of the scale-out work in one command, sized for one `device` run (under 10 minutes on one H200):
 #   1. the benchmark (bench/gpu_step.py: FLUX width, 2 double + 4 single blocks, 1024^2, bf16, full SenseFlow step)
 #   2. the same step FSDP1-wrapped as yamls/flux.yaml does (per-block FULL_SHARD + activation checkpointing)
-#   3. the same step with FSDP2 and parameter CPU offload (trainer.parallelism_config.fsdp.cpu_offload)
+#   3. the same step with FSDP2 and parameter CPU offload (trainer.parallelism_config.fsdp.cpu_offload); exits 1
+#      unless every FSDP2 unit offloads, the trained shards, gradients and Adam state are on the CPU between
+#      steps and the blocks computed on CUDA (reported in bench/results/gpu_step_fsdp_offload.md)
 #   4. tiny FLUX trained 3 batches on the GPU with optimizer.kind=adamw_8bit
 # Each step has its own time limit, so what finishes comes back. Results: bench/results/gpu_step*.{md,json} and
 # bench/results/gpu_checks.md (versions, exit codes, log tails); copied to $OUT when the device tool sets it.

@@ -40,6 +40,7 @@ from senseflow_algos.models.families import Components, FluxFamily  # noqa: E402
 from senseflow_algos.models.families.flux import without_guidance_embedding  # noqa: E402
 from senseflow_algos.models.fsdp import prepare_for_fsdp  # noqa: E402
 from senseflow_algos.models.fsdp_offload import GPUWithCPUCollectives, fsdp2_cpu_offload  # noqa: E402
+from senseflow_algos.models.offload_report import ComputeDevices, offload_report  # noqa: E402
 from senseflow_algos.optim import PhasedAdamW  # noqa: E402
 
 #: bf16 dense peak of one H200 (H100 SXM class), for MFU.
@@ -149,6 +150,9 @@ def main(argv=None) -> int:
                           log_to_console=False, parallelism_config=parallelism)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
+    # Where the trained networks' blocks compute (for the CPU-offload check: on the GPU while their shards live on the
+    # CPU).
+    compute = ComputeDevices([model.generator.transformer_blocks[0], model.fake_score.transformer_blocks[0]])
     from torch.utils.flop_counter import FlopCounterMode
 
     # Warm-up cycle (allocations, kernels), then one counted cycle for FLOPs, then timed cycles.
@@ -159,7 +163,19 @@ def main(argv=None) -> int:
     flops_per_update = counter.get_total_flops()
     timer.times.clear()
     trainer.fit(duration=f'{args.gen_every * args.cycles}ba')
+    placement = offload_report(trainer.state.model, trainer.state.optimizers[0])  # between steps: after the last one
+    placement['compute'] = dict(compute.devices)
+    compute.remove()
     trainer.close()
+    offload_failures = []
+    if args.cpu_offload:  # every unit offloads; shards, gradients and Adam moments on the CPU; compute on the device
+        if not placement['fsdp_groups'] or placement['offloading_groups'] != placement['fsdp_groups']:
+            offload_failures.append('not every FSDP2 param group has the CPU offload policy')
+        for what in ('shards', 'grads', 'optimizer_state'):
+            if set(placement[what]) - {'cpu'}:
+                offload_failures.append(f'{what} not all on the CPU: {placement[what]}')
+        if set(placement['compute']) != {device.type}:
+            offload_failures.append(f'blocks computed on {placement["compute"]}, expected {device.type}')
     times = {k: sum(v) / args.cycles for k, v in timer.times.items()}  # per generator update (one TTUR cycle)
     seconds = times.pop('batch')
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else float('nan')
@@ -174,6 +190,7 @@ def main(argv=None) -> int:
         'seconds_per_generator_update': seconds, 'seconds_by_phase': times, 'peak_memory_gib': peak,
         'peak_host_memory_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: KiB
         'tflops_per_generator_update': flops_per_update / 1e12, 'mfu': mfu,
+        'state_placement': placement, 'cpu_offload_failures': offload_failures if args.cpu_offload else None,
         'command': 'python bench/gpu_step.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
     }
     name = 'gpu_step' + ('_fsdp' if args.fsdp else '') + ('_offload' if args.cpu_offload else '') + \
@@ -192,9 +209,15 @@ def main(argv=None) -> int:
               f'| peak host memory (GiB) | {result["peak_host_memory_gib"]:.1f} |',
               f'| TFLOPs per generator update | {flops_per_update / 1e12:.2f} |',
               f'| MFU (vs {PEAK_TFLOPS[device.type]} TFLOP/s bf16) | {mfu:.1%} |']
+    lines += [f'| FSDP2 groups offloading / all | {placement["offloading_groups"]} / {placement["fsdp_groups"]} |',
+              f'| trained shards / grads / Adam state by device, between steps | {placement["shards"]} / '
+              f'{placement["grads"]} / {placement["optimizer_state"]} |',
+              f'| trained blocks computed on | {placement["compute"]} |']
+    if args.cpu_offload:
+        lines.append(f'| CPU offload check | {"; ".join(offload_failures) or "passed"} |')
     (args.out / f'{name}.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
-    return 0
+    return 1 if offload_failures else 0
 
 
 if __name__ == '__main__':

@@ -211,12 +211,19 @@ def test_generator_phase_gradient_reaches_only_generator():
     m = build_dmd_model(family='sd35', tiny=True, resolution=32, seed=0)
     m.train()
     batch = _batch()
+    # Frozen networks run without building a graph (their parameters never require grad, so a grad check on them
+    # would check nothing): record whether autograd was on during each of their forwards.
+    grad_mode = []
+    for name, net in (('teacher', m.teacher), ('vae', m.vae.encoder), ('conditioner', m.conditioner.text_encoder)):
+        net.register_forward_hook(lambda mod, i, o, name=name: grad_mode.append((name, torch.is_grad_enabled())))
     m.begin_phase(GENERATOR_PHASE)
     out = m(batch)
     m.loss(out, batch)['total'].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.generator.parameters())
     assert all(p.grad is None for p in m.fake_score.parameters())
-    assert all(p.grad is None for n in FROZEN for p in getattr(m, n).parameters())
+    ran = {'teacher', 'conditioner'} | (set() if out['backward_simulation'] else {'vae'})  # the VAE encodes real images
+    assert {name for name, _ in grad_mode} == ran
+    assert not any(enabled for _, enabled in grad_mode), grad_mode
     m.zero_grad(set_to_none=True)
     m.begin_phase(CRITIC_PHASE)
     out = m(batch)  # reuses the cached generator sample
@@ -254,6 +261,25 @@ def test_ttur_with_composer_trainer(make_trainer, yaml_name):
         steps = {int(opt.state[p]['step']) for p in group['params']}
         assert steps == {2 if group['role'] == 'generator' else 4}, group['role']
     assert int(model.ttur_step) == 4
+    trainer.close()
+
+
+@pytest.mark.parametrize('yaml_name', ['tiny_flux', 'tiny_sd35'])
+def test_frozen_networks_unchanged_by_training_and_outside_the_optimizer(make_trainer, yaml_name):
+    """Teacher, VAE, text encoders and the VFM backbone: bit-identical after real batches (generator and critic
+    phases, with IDA, ISG and the discriminator), and in no optimizer param group nor optimizer state."""
+    frozen = (*FROZEN, 'vfm_backbone')
+    trainer, rec = make_trainer(yaml_name, ['trainer.max_duration=2ba', 'model.gen_every=1'],
+                                snapshot=(*frozen, 'generator'))
+    trainer.fit()
+    model, opt = trainer.state.model, trainer.state.optimizers[0]
+    for name in frozen:
+        assert _equal_state(rec.snapshots[-1][name], rec.initial[name]), name
+    assert not _equal_state(rec.snapshots[-1]['generator'], rec.initial['generator'])  # training did happen
+    frozen_ids = {id(p) for name in frozen for p in getattr(model, name).parameters()}
+    assert frozen_ids and len(frozen_ids) > 100
+    assert not frozen_ids & {id(p) for g in opt.param_groups for p in g['params']}
+    assert not frozen_ids & {id(p) for p in opt.state}
     trainer.close()
 
 

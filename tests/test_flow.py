@@ -124,11 +124,16 @@ def test_renoise_step():
 # Index <-> sigma and ISG
 
 
+#: The reference's anchor indices (method notes 1.7): SD 3.5's index list and FLUX's hard-coded timesteps (the shifted
+#: sigmas .9045, .7595, .5128 truncated to the 1000-step grid), each followed by 0 for sigma 0.
+REFERENCE_INDICES = {'flux': [1000, 904, 759, 512, 0], 'sd35': [999, 749, 499, 249, 0]}
+
+
 @pytest.mark.parametrize('name', ['flux', 'sd35'])
 def test_sigma_to_index_round_trip_on_anchor_indices(name):
     family = FAMILIES[name]()
     anchor_idx = family.sigma_to_index(family.anchors((128, 128)))
-    expected = {'flux': [1000, 905, 760, 513], 'sd35': [999, 749, 499, 249]}[name]
+    expected = REFERENCE_INDICES[name][:4]
     assert anchor_idx.tolist() == expected
     for i in [*expected, 0, 1, 500]:
         assert int(family.sigma_to_index(family.index_to_sigma(i))) == i
@@ -155,11 +160,13 @@ def test_isg_mid_sigma_inside_segments(name, margin):
         mid = family.isg_mid_sigma(cur, nxt, gen)
         assert mid.shape == (n,)
         assert (mid > nxt).all() and (mid < cur).all(), (i, mid.min(), mid.max())
-        idx = family.sigma_to_index(mid)
-        lo = int(family.sigma_to_index(sigmas[i + 1])) + margin
-        hi = int(family.sigma_to_index(sigmas[i])) - margin
+        # The grid index of each draw, by hand: FLUX t = 1000 s; SD 3.5 (t + 1) / 1000 = s / (3 - 2 s).
+        idx = mid * 1000 if name == 'flux' else 1000 * mid / (3 - 2 * mid) - 1
+        assert (idx - idx.round()).abs().max() < 1e-6
+        idx = idx.round()
+        lo = REFERENCE_INDICES[name][i + 1] + margin
+        hi = REFERENCE_INDICES[name][i] - margin
         assert int(idx.min()) == lo and int(idx.max()) == hi, (i, lo, hi)  # uniform on [lo, hi], both ends hit
-        assert torch.equal(idx, torch.round(idx))
         if i == 3:  # last segment ends at sigma 0
             assert float(sigmas[i + 1]) == 0.0 and lo == margin
     # Per-sample segments in one call.
@@ -299,11 +306,12 @@ def test_backward_simulation_counts(k):
         assert sigma.shape == (2,) and torch.all(sigma == anchors[j])
     if k == 0:
         assert torch.equal(out, rec.draws[0])
-    # Replay by hand: x0-predict then re-noise with the j+1-th draw.
+    # Replay by hand (notes 1.8): x0 = x - s v, then x = s_next eps' + (1 - s_next) x0 with the j+1-th draw.
     x = rec.draws[0]
     for j in range(k):
-        s = torch.full((2,), float(anchors[j]), dtype=torch.float64)
-        x = flow.renoise_step(x, 0.5 * x + s.reshape(-1, 1, 1, 1), s, float(anchors[j + 1]), rec.draws[j + 1])
+        s, s_next = float(anchors[j]), float(anchors[j + 1])
+        x0 = x - s * (0.5 * x + s)
+        x = s_next * rec.draws[j + 1] + (1 - s_next) * x0
     torch.testing.assert_close(out, x, atol=1e-12, rtol=0)
 
 

@@ -1,10 +1,13 @@
 """Composer's FSDP2 and FSDP1 on 2 CPU processes (gloo): full SenseFlow trains sharded, sharded checkpoints leave out
 the frozen networks, a run resumed from a sharded checkpoint ends with the same weights as the uninterrupted run, and
-parameter CPU offload (FSDP2; a no-op copy on CPU processes) shards every FSDP unit with the offload policy and
-changes no weight. FSDP1 runs through fsdp1_cpu_train.py, since Composer hands FSDP1 a CUDA device id."""
+parameter CPU offload (FSDP2) puts every FSDP unit under the offload policy, keeps the trained shards and optimizer
+state on the CPU between steps and changes no weight. FSDP1 runs through fsdp1_cpu_train.py, since Composer hands
+FSDP1 a CUDA device id; FSDP2 through fsdp2_offload_probe.py, train.py plus a report of where FSDP2 keeps the trained
+state after every step."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +25,7 @@ FROZEN = ('teacher.', 'vae.', 'conditioner.', 'vfm_backbone.')
 # As yamls/flux.yaml sets it (FSDP2 ignores the FSDP1-only keys with a warning).
 FSDP = ('state_dict_type: sharded, sharding_strategy: FULL_SHARD, use_orig_params: true, '
         'activation_checkpointing: true, activation_checkpointing_reentrant: false')
-ENTRY = {'2': 'train.py', '1': 'tests/distributed/fsdp1_cpu_train.py'}
+ENTRY = {'2': 'tests/distributed/fsdp2_offload_probe.py', '1': 'tests/distributed/fsdp1_cpu_train.py'}
 
 
 def _train(folder: Path, *overrides: str, version: str = '2', fsdp: str = FSDP) -> str:
@@ -41,16 +44,22 @@ def _model_state(sharded_dir: Path, tmp: Path) -> dict:
     return torch.load(out, weights_only=False)['state']['model']
 
 
+def _offload_reports(stdout: str) -> list[dict]:
+    """Rank 0's per-batch ``OFFLOAD_REPORT`` lines of fsdp2_offload_probe.py."""
+    return [json.loads(line.split(' ', 1)[1]) for line in stdout.splitlines() if line.startswith('OFFLOAD_REPORT ')]
+
+
 @pytest.fixture(scope='module')
 def straight(tmp_path_factory):
     """Uninterrupted 3-batch runs per FSDP version, sharded checkpoints after every batch (each trained once)."""
-    runs = {}
+    runs, stdouts = {}, {}
 
     def run(version: str) -> Path:
         if version not in runs:
             runs[version] = tmp_path_factory.mktemp(f'fsdp{version}') / 'straight'
-            _train(runs[version], version=version)
+            stdouts[version] = _train(runs[version], version=version)
         return runs[version]
+    run.stdout = stdouts
     return run
 
 
@@ -70,13 +79,29 @@ def test_fsdp_trains_checkpoints_and_resumes_exactly(version, straight, tmp_path
 
 
 def test_fsdp2_cpu_offload_shards_every_unit_and_changes_no_weight(straight, tmp_path):
+    plain_folder = straight('2')
     stdout = _train(tmp_path / 'offload', fsdp=FSDP + ', cpu_offload: true')
     model = build_model(load_config(REPO / 'yamls' / 'tiny_flux.yaml')['model'], seed=17)
     blocks = sum(len(getattr(getattr(model, net), kind)) for net in ('generator', 'fake_score', 'teacher')
                  for kind in ('transformer_blocks', 'single_transformer_blocks'))
     roots = 4  # generator, fake score, teacher and the discriminator heads; the small frozen networks stay unwrapped
     assert f'of {blocks + roots} sharded modules are kept in CPU memory' in stdout
-    a = _model_state(straight('2') / 'ep0-ba3', tmp_path)
+    # FSDP2's own state after every step: each unit's param group has the CPU offload policy and each of its
+    # parameters offload_to_cpu (so its shard is copied to the compute device for the all-gather, and the gradient
+    # and the optimizer step stay on the CPU); the trained shards and the Adam moments are CPU tensors between steps.
+    # (On these CPU processes a device check alone would prove nothing; on a GPU bench/gpu_step.py --cpu-offload
+    # also asserts that compute ran on CUDA.) The same run without offload: no group offloads.
+    reports, plain = _offload_reports(stdout), _offload_reports(straight.stdout['2'])
+    assert len(reports) == len(plain) == 3
+    for report in reports:
+        assert report['fsdp_groups'] == blocks + roots == report['offloading_groups']
+        assert report['fsdp_params'] == report['offloaded_params'] > 0
+        assert set(report['shards']) == set(report['optimizer_state']) == {'cpu'}
+        assert report['optimizer_state']['cpu'] == 2 * report['shards']['cpu']  # exp_avg, exp_avg_sq of each
+        assert set(report['grads']) <= {'cpu'}
+    for report in plain:
+        assert report['fsdp_groups'] == blocks + roots and report['offloading_groups'] == report['offloaded_params'] == 0
+    a = _model_state(plain_folder / 'ep0-ba3', tmp_path)
     b = _model_state(tmp_path / 'offload' / 'ep0-ba3', tmp_path)
     assert a.keys() == b.keys()
     assert not [k for k in a if not torch.equal(a[k], b[k])]

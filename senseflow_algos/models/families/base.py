@@ -69,11 +69,16 @@ class ModelFamily(abc.ABC):
     @abc.abstractmethod
     def load_components(self, pretrained: str, torch_dtype: torch.dtype = torch.float32,
                         teacher_dtype: Optional[torch.dtype] = None, revision: Optional[str] = None,
-                        text_encoders: bool = True, vae_encoder: bool = True) -> Components:
+                        text_encoders: bool = True, vae_encoder: bool = True,
+                        encoder_dtype: Optional[torch.dtype] = None, transformers_on_meta: bool = False) -> Components:
         """Load every component with ``from_pretrained`` from a hub id or a local diffusers folder.
 
+        ``torch_dtype`` is the student's (generator and fake score), ``teacher_dtype`` the teacher's (default: the
+        student's) and ``encoder_dtype`` that of the VAE and text encoders (default: the teacher's).
         ``text_encoders=False`` loads no text encoder (``conditioner=None``); ``vae_encoder=False`` drops the VAE's
-        encoder: for training on precomputed embeddings and latents.
+        encoder: for training on precomputed embeddings and latents. ``transformers_on_meta=True`` reads no
+        transformer weight: teacher and student are built on the meta device from the transformer's config, to be
+        filled by FSDP from global rank 0 (the lean start, :func:`~senseflow_algos.models.fsdp.lean_start`).
         """
 
     @abc.abstractmethod
@@ -89,6 +94,24 @@ class ModelFamily(abc.ABC):
     def _load_conditioner(self, pretrained: str, torch_dtype: torch.dtype, revision: Optional[str]) -> nn.Module:
         """The family's frozen text encoders and tokenizers from a pipeline folder or hub id."""
         raise NotImplementedError(f'{type(self).__name__} does not implement _load_conditioner (needed to precompute)')
+
+    @staticmethod
+    def _load_transformer(model_class: type, pretrained: str, torch_dtype: torch.dtype, revision: Optional[str],
+                          on_meta: bool = False) -> nn.Module:
+        """The teacher transformer of class ``model_class`` (eval mode) with its weights, or ``on_meta`` without.
+
+        On meta it is built from the same ``transformer/config.json`` as ``from_pretrained`` reads, so parameters and
+        buffers have the names, shapes and dtypes of the loaded network while taking no memory.
+        """
+        kw = dict(subfolder='transformer', revision=revision)
+        if not on_meta:
+            return model_class.from_pretrained(pretrained, torch_dtype=torch_dtype, **kw)
+        if getattr(model_class, '_keep_in_fp32_modules', None):  # from_pretrained would keep those in fp32
+            raise NotImplementedError(f'{model_class.__name__} keeps modules in fp32: a meta build would not match')
+        with torch.device('meta'):
+            net = model_class.from_config(model_class.load_config(pretrained, **kw))
+        net.register_to_config(_name_or_path=pretrained)  # as from_pretrained records it
+        return nn.Module.to(net, torch_dtype).eval()  # nn.Module's: diffusers' .to() warns about fp32 modules
 
     @staticmethod
     def _load_vae(pretrained: str, torch_dtype: torch.dtype, revision: Optional[str]) -> nn.Module:
@@ -113,7 +136,7 @@ class ModelFamily(abc.ABC):
 
     @abc.abstractmethod
     def sigma_to_index(self, sigma: torch.Tensor | float) -> torch.Tensor:
-        """Inverse of :meth:`index_to_sigma`, rounded to the integer grid (sigma 0 maps to index 0)."""
+        """Inverse of :meth:`index_to_sigma` onto the integer grid, as the family's reference code (sigma 0 maps to 0)."""
 
     @abc.abstractmethod
     def dmd_sigma(self, n: int, generator: torch.Generator, device=None) -> torch.Tensor:
@@ -123,9 +146,30 @@ class ModelFamily(abc.ABC):
     def fake_sigma(self, n: int, generator: torch.Generator, device=None) -> torch.Tensor:
         """Sigmas for the fake score's flow-matching loss (logit-normal, family-shifted)."""
 
+    #: Per-anchor GAN weightings this family offers (``model.family_kwargs.adversarial_weighting``).
+    adversarial_weightings: tuple[str, ...] = ('signal_power',)
+    #: The weighting in use; families set it from their ``adversarial_weighting`` argument.
+    adversarial_weighting: str = 'signal_power'
+
+    def _set_adversarial_weighting(self, weighting: str) -> None:
+        if weighting not in self.adversarial_weightings:
+            raise ValueError(f'model.family_kwargs.adversarial_weighting={weighting!r} is not available for family '
+                             f'{self.name!r}; choose one of {list(self.adversarial_weightings)}')
+        self.adversarial_weighting = weighting
+
     def adversarial_weight(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Per-anchor GAN weight ``(1 - sigma)^2`` (signal power): GAN matters near the clean end."""
-        return (1 - sigma)**2
+        """Per-sample GAN weight at each sample's anchor ``sigma`` (both the generator and the discriminator term).
+
+        ``signal_power``: ``(1 - sigma)^2``, the paper's alpha_t^2 and the reference FLUX code. Families may offer
+        others (SD 3.5: ``scheduler_sigma_squared``, the reference SD 3.5 code). Either way GAN feedback matters more
+        toward the clean end.
+        """
+        if self.adversarial_weighting == 'signal_power':
+            return (1 - sigma)**2
+        return self._adversarial_weight(sigma)
+
+    def _adversarial_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f'{type(self).__name__} has no {self.adversarial_weighting!r} weighting')
 
     # -- networks -----------------------------------------------------------------------------------------------------
 

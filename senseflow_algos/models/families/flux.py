@@ -94,37 +94,44 @@ class FluxFamily(ModelFamily):
 
     Args:
         base_seq_len, max_seq_len, base_shift, max_shift: FLUX's scheduler shift parameters
-            (FLUX.1-dev: 256, 4096, 0.5, 1.15). At 1024x1024 they give anchors {1, .904, .759, .512}.
+            (FLUX.1-dev: 256, 4096, 0.5, 1.15). At 1024x1024 they give anchors {1, .9045, .7595, .5128}, the sigmas
+            FluxPipeline's default 4 steps use; their indices on the 0..1000 grid are the reference's hard-coded
+            ``[1000, 904, 759, 512]`` (its constants are the shifted values truncated to the grid).
         max_sequence_length (int): T5 prompt tokens. Default: ``512``.
+        adversarial_weighting (str): Per-anchor GAN weight. Only ``signal_power``, ``(1 - sigma)^2``, as the
+            reference FLUX code and the paper. Default: ``signal_power``.
     """
 
     name = 'flux'
     isg_margin = 20
 
     def __init__(self, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
-                 max_shift: float = 1.15, max_sequence_length: int = 512):
+                 max_shift: float = 1.15, max_sequence_length: int = 512, adversarial_weighting: str = 'signal_power'):
         self.shift_params = dict(base_seq_len=base_seq_len, max_seq_len=max_seq_len, base_shift=base_shift,
                                  max_shift=max_shift)
         self.max_sequence_length = max_sequence_length
+        self._set_adversarial_weighting(adversarial_weighting)
 
     # -- loading ------------------------------------------------------------------------------------------------------
 
     def load_components(self, pretrained, torch_dtype=torch.float32, teacher_dtype=None, revision=None,
-                        text_encoders=True, vae_encoder=True):
+                        text_encoders=True, vae_encoder=True, encoder_dtype=None, transformers_on_meta=False):
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
         kw = dict(revision=revision)
-        teacher = FluxTransformer2DModel.from_pretrained(pretrained, subfolder='transformer',
-                                                         torch_dtype=teacher_dtype or torch_dtype, **kw)
+        teacher_dtype = teacher_dtype or torch_dtype
+        encoder_dtype = encoder_dtype or teacher_dtype
+        teacher = self._load_transformer(FluxTransformer2DModel, pretrained, teacher_dtype, revision,
+                                         on_meta=transformers_on_meta)
         if not teacher.config.guidance_embeds:
             raise ValueError(f"model.pretrained={pretrained!r}: the FLUX teacher has no guidance embedding "
                              '(guidance_embeds=false); a guidance-distilled FLUX.1-dev teacher is expected.')
-        vae = self._load_vae(pretrained, torch_dtype, revision)
+        vae = self._load_vae(pretrained, encoder_dtype, revision)
         return Components(
             teacher=teacher,
-            student=without_guidance_embedding(teacher, torch_dtype),
+            student=without_guidance_embedding(teacher, torch_dtype),  # on meta too when the teacher is
             vae=vae if vae_encoder else drop_vae_encoder(vae),
-            conditioner=self._load_conditioner(pretrained, torch_dtype, revision) if text_encoders else None,
+            conditioner=self._load_conditioner(pretrained, encoder_dtype, revision) if text_encoders else None,
             scheduler_config=dict(FlowMatchEulerDiscreteScheduler.load_config(pretrained, subfolder='scheduler',
                                                                               **kw)),
         )
@@ -165,7 +172,9 @@ class FluxFamily(ModelFamily):
         return flow.flux_index_to_sigma(index)
 
     def sigma_to_index(self, sigma):
-        return torch.round(torch.as_tensor(sigma, dtype=torch.float64) * 1000)
+        # The grid point at or below sigma, as the reference truncates its shifted anchors (.9045 -> 904); the 1e-6
+        # keeps grid sigmas i/1000 on i despite float rounding.
+        return torch.floor(torch.as_tensor(sigma, dtype=torch.float64) * 1000 + 1e-6)
 
     def dmd_sigma(self, n, generator, device=None):
         # FLUX's scheduler holds unshifted sigmas at init, so the reference samples a plain logit-normal.
@@ -189,10 +198,12 @@ class FluxFamily(ModelFamily):
             hidden_states=pack_latents(x).to(dtype),
             encoder_hidden_states=embeds.to(dtype),
             pooled_projections=cond['pooled_prompt_embeds'].to(dtype),
-            timestep=self._as_sigma(sigma, x).to(dtype),
+            # float32 timestep and guidance, as FluxPipeline passes them; the transformer itself casts both to its
+            # hidden states' dtype before embedding them, in the pipeline and here alike.
+            timestep=self._as_sigma(sigma, x),
             img_ids=image_ids(h, w, x.device, dtype),
             txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device, dtype=dtype),
-            guidance=None if guidance is None else guidance.to(device=x.device, dtype=dtype),
+            guidance=None if guidance is None else guidance.to(device=x.device, dtype=torch.float32),
             return_dict=False,
         )[0]
         return unpack_latents(out.float(), c, h, w)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -15,7 +16,29 @@ from senseflow_algos.models.families.base import (
     shifted_anchors,
 )
 
-__all__ = ['SD3Family', 'SD3Conditioner']
+__all__ = ['SD3Family', 'SD3Conditioner', 'float32_timestep']
+
+
+@contextlib.contextmanager
+def float32_timestep(net: torch.nn.Module, timestep: torch.Tensor):
+    """Within this block, ``net``'s time embedding receives ``timestep`` (float32) whatever dtype reached ``net``.
+
+    The SD3 transformer embeds its ``timestep`` argument as given, and StableDiffusion3Pipeline gives the scheduler's
+    float32 values. Under FSDP mixed precision (Composer's ``mixed_precision: DEFAULT`` with ``amp_bf16``) the root
+    module casts every floating forward input to bf16 first, so t = 750 would be embedded as 752. A pre-hook on the
+    time embedding, which runs after that cast, hands it the float32 timestep back.
+    """
+    def restore(module, args):
+        if args[0].shape != timestep.shape:
+            raise RuntimeError(f'time embedding got a timestep of shape {tuple(args[0].shape)}, expected '
+                               f'{tuple(timestep.shape)}')
+        return (timestep.to(args[0].device), *args[1:])
+
+    handle = net.time_text_embed.register_forward_pre_hook(restore, prepend=True)  # before any other hook sees it
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class SD3Conditioner(torch.nn.Module):
@@ -63,32 +86,42 @@ class SD3Family(ModelFamily):
         dmd_index_range (tuple[int, int]): DMD compares teacher and fake score at an index drawn uniformly
             from this range (inclusive), mapped to sigma. Default: ``(20, 980)``.
         max_sequence_length (int): T5 prompt tokens. Default: ``256``.
+        adversarial_weighting (str): Per-anchor GAN weight. ``scheduler_sigma_squared`` (default): the reference
+            SD 3.5 code's ``scheduler.sigmas[t_idx]^2``, the *unflipped* scheduler sigma at the anchor's index
+            ``t_idx``, i.e. ``shift((1000 - t_idx) / 1000)^2`` = [0, .251, .564, .811] at the anchors; the paper's SD 3.5
+            numbers come from that code. ``signal_power``: ``(1 - sigma)^2`` = [0, .01, .0625, .25], the paper's
+            formula.
     """
 
     name = 'sd35'
     isg_margin = 50
+    adversarial_weightings = ('scheduler_sigma_squared', 'signal_power')
 
-    def __init__(self, shift: float = 3.0, dmd_index_range: tuple[int, int] = (20, 980), max_sequence_length: int = 256):
+    def __init__(self, shift: float = 3.0, dmd_index_range: tuple[int, int] = (20, 980), max_sequence_length: int = 256,
+                 adversarial_weighting: str = 'scheduler_sigma_squared'):
         self.shift = shift
         self.dmd_index_range = tuple(dmd_index_range)
         self.max_sequence_length = max_sequence_length
+        self._set_adversarial_weighting(adversarial_weighting)
 
     # -- loading ------------------------------------------------------------------------------------------------------
 
     def load_components(self, pretrained, torch_dtype=torch.float32, teacher_dtype=None, revision=None,
-                        text_encoders=True, vae_encoder=True):
+                        text_encoders=True, vae_encoder=True, encoder_dtype=None, transformers_on_meta=False):
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
         kw = dict(revision=revision)
-        teacher = SD3Transformer2DModel.from_pretrained(pretrained, subfolder='transformer',
-                                                        torch_dtype=teacher_dtype or torch_dtype, **kw)
-        student = copy.deepcopy(teacher).to(torch_dtype)
-        vae = self._load_vae(pretrained, torch_dtype, revision)
+        teacher_dtype = teacher_dtype or torch_dtype
+        encoder_dtype = encoder_dtype or teacher_dtype
+        teacher = self._load_transformer(SD3Transformer2DModel, pretrained, teacher_dtype, revision,
+                                         on_meta=transformers_on_meta)
+        student = copy.deepcopy(teacher).to(torch_dtype)  # on meta too when the teacher is
+        vae = self._load_vae(pretrained, encoder_dtype, revision)
         return Components(
             teacher=teacher,
             student=student,
             vae=vae if vae_encoder else drop_vae_encoder(vae),
-            conditioner=self._load_conditioner(pretrained, torch_dtype, revision) if text_encoders else None,
+            conditioner=self._load_conditioner(pretrained, encoder_dtype, revision) if text_encoders else None,
             scheduler_config=dict(FlowMatchEulerDiscreteScheduler.load_config(pretrained, subfolder='scheduler',
                                                                               **kw)),
         )
@@ -144,11 +177,17 @@ class SD3Family(ModelFamily):
     def fake_sigma(self, n, generator, device=None):
         return flow.shift_sigma(flow.sample_logit_normal(n, generator, device=device), self.shift)
 
+    def _adversarial_weight(self, sigma):
+        # scheduler_sigma_squared: the scheduler's sigmas run from noise to clean (sigmas[i] = index_to_sigma(999 - i))
+        # while the anchor's index t_idx counts the other way (sigma = index_to_sigma(t_idx)).
+        sigma = torch.as_tensor(sigma)
+        return (self.index_to_sigma(999 - self.sigma_to_index(sigma))**2).to(sigma)
+
     # -- networks -----------------------------------------------------------------------------------------------------
 
     def velocity(self, net, x, sigma, cond, guidance=None):
         dtype = next(net.parameters()).dtype
-        timestep = self._as_sigma(sigma, x) * 1000
+        timestep = self._as_sigma(sigma, x) * 1000  # float32, as StableDiffusion3Pipeline passes it
         if guidance is None:
             return self._call(net, x, timestep, cond['prompt_embeds'], cond['pooled_prompt_embeds'], dtype)
         if 'negative_prompt_embeds' not in cond:
@@ -164,8 +203,9 @@ class SD3Family(ModelFamily):
 
     @staticmethod
     def _call(net, x, timestep, embeds, pooled, dtype):
-        return net(hidden_states=x.to(dtype), timestep=timestep.to(dtype), encoder_hidden_states=embeds.to(dtype),
-                   pooled_projections=pooled.to(dtype), return_dict=False)[0].float()
+        with float32_timestep(net, timestep):
+            return net(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=embeds.to(dtype),
+                       pooled_projections=pooled.to(dtype), return_dict=False)[0].float()
 
     def latent_shape(self, vae, resolution):
         factor = 2**(len(vae.config.block_out_channels) - 1)
