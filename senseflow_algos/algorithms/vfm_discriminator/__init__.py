@@ -14,10 +14,11 @@ from senseflow_algos.algorithms.vfm_discriminator.network import (
 from senseflow_algos.algorithms.vfm_discriminator.vfm_discriminator import (
                                                                    VFMDiscriminator,
                                                                    discriminator_logits,
+                                                                   enable_decoder_checkpointing,
                                                                    reference_features,
 )
 
 __all__ = [
     'VFMDiscriminator', 'discriminator_logits', 'reference_features', 'diff_augment', 'hinge_d_loss', 'hinge_g_loss', 'VFMBackbone',
-    'VFMDiscriminatorHeads', 'DiscriminatorHead', 'DEFAULT_VFM_MODEL'
+    'VFMDiscriminatorHeads', 'DiscriminatorHead', 'DEFAULT_VFM_MODEL', 'enable_decoder_checkpointing'
 ]

@@ -4,7 +4,8 @@
   of 2-D feature maps (the embedding output plus chosen block outputs, CLS token added to every patch token).
   Gradients flow through it to the image; none of its parameters train.
 * :class:`DiscriminatorHead`: a small spectral-norm conv head on one feature map, conditioned on a text embedding
-  and on the same backbone's features of a reference image; emits one logit per output location.
+  and on the same backbone's features of a reference image (added per location, as the released code does, or
+  pooled to one vector); emits one logit per output location.
 * :class:`VFMDiscriminatorHeads`: one head per feature map, logits concatenated to ``(B, N)``.
 
 Only the heads are optimised (§4.4). The hinge losses live in
@@ -15,7 +16,8 @@ Only the heads are optimised (§4.4). The hinge losses live in
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
 
 import timm
 import torch
@@ -27,6 +29,8 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     'DEFAULT_VFM_MODEL',
+    'REFERENCE_MAPS',
+    'DEFAULT_REFERENCE_MAP',
     'fitting_downsamples',
     'DINOV2_VITL_BLOCK_INDICES',
     'default_block_indices',
@@ -40,6 +44,10 @@ DEFAULT_VFM_MODEL = 'vit_large_patch14_dinov2.lvd142m'
 # Blocks read by the official SenseFlow discriminator on the 24-block ViT-L (plus the embedding output = 8 maps).
 DINOV2_VITL_BLOCK_INDICES = (2, 5, 8, 10, 14, 19, 23)
 _NUM_DEFAULT_BLOCKS = 7
+#: How a head combines the reference image's map with the text projection: ``per_location`` adds the spatial
+#: reference map location by location (the released code); ``pooled`` averages it to one vector per sample first.
+REFERENCE_MAPS = ('per_location', 'pooled')
+DEFAULT_REFERENCE_MAP = 'per_location'
 _REQUIRED_VIT_ATTRS = ('patch_embed', '_pos_embed', 'patch_drop', 'norm_pre', 'blocks', 'num_prefix_tokens')
 
 
@@ -285,11 +293,33 @@ class BatchNormLocal(nn.Module):
         return f'{self.num_features}, virtual_batch_size={self.virtual_batch_size}, eps={self.eps}'
 
 
+@contextmanager
+def _no_power_iteration() -> Iterator[None]:
+    """Skip spectral norm's initial power iterations (they only refine the ``u``/``v`` buffers).
+
+    For heads built on the meta device (planning, parameter counts): there the iterations compute nothing but cost
+    about 0.5-3 s per conv through PyTorch's Python meta kernels, minutes for the default-width heads.
+    """
+    cls = getattr(torch.nn.utils.parametrizations, '_SpectralNorm', None)
+    if cls is None or not hasattr(cls, '_power_method'):
+        yield
+        return
+    original = cls._power_method
+    cls._power_method = lambda self, weight_mat, n_power_iterations: None
+    try:
+        yield
+    finally:
+        cls._power_method = original
+
+
 def _sn_conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Module:
     """Spectral-norm conv with circular ("same") padding."""
     conv = nn.Conv2d(
         in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, padding_mode='circular'
     )
+    if conv.weight.is_meta:
+        with _no_power_iteration():
+            return spectral_norm(conv)
     return spectral_norm(conv)
 
 
@@ -360,11 +390,11 @@ class DiscriminatorHead(nn.Module):
     """Discriminator head on one backbone feature map, conditioned on text and on a reference image (§4.2).
 
     * ``main``: :class:`_ConvTrunk` on the feature map; ``cls``: SN 1x1 conv to ``cmap_dim`` -> ``out`` per location.
-    * ``cmapper``: ``Linear(c_dim, cmap_dim)`` on the pooled text embedding -> ``cmap``.
+    * ``cmapper``: ``Linear(c_dim, cmap_dim)`` on the pooled text embedding -> ``cmap``, one vector per sample.
     * ``refmapper``: the same trunk structure (own weights) on the reference image's feature map, SN 1x1 conv to
-      ``cmap_dim``, then **global average pooling** -> ``refmap``. Pooling makes the reference a per-sample
-      condition vector like ``cmap``, so the reference image may have a different resolution than the judged image
-      (design choice; the method notes do not say how the official code combines the two maps spatially).
+      ``cmap_dim`` -> ``refmap``. With ``reference_map='per_location'`` (the released code) ``refmap`` stays
+      spatial and is added location by location, so the reference map must have the judged map's grid. With
+      ``'pooled'`` it is averaged over locations to one vector per sample first, so any reference grid works.
 
     Each location's logit is ``sum_c out_c * (cmap_c + refmap_c) / sqrt(cmap_dim)``; the output is flattened to
     ``(B, h * w)`` where ``(h, w)`` is the trunk output size.
@@ -378,6 +408,7 @@ class DiscriminatorHead(nn.Module):
         virtual_batch_size (int): Group size of :class:`BatchNormLocal`.
         min_resolution (int): Skip downsampling stages whose output side would fall below this.
         use_ref (bool): Build ``refmapper`` and require reference features in ``forward``.
+        reference_map (str): ``'per_location'`` or ``'pooled'`` (see above). Default :data:`DEFAULT_REFERENCE_MAP`.
     """
 
     def __init__(
@@ -390,14 +421,18 @@ class DiscriminatorHead(nn.Module):
         virtual_batch_size: int = 8,
         min_resolution: int = 2,
         use_ref: bool = True,
+        reference_map: str = DEFAULT_REFERENCE_MAP,
     ) -> None:
         super().__init__()
         if num_downsample < 0:
             raise ValueError(f'num_downsample must be >= 0, got {num_downsample}')
+        if reference_map not in REFERENCE_MAPS:
+            raise ValueError(f'reference_map must be one of {list(REFERENCE_MAPS)}, got {reference_map!r}')
         hidden = hidden_channels or channels
         self.c_dim = c_dim
         self.cmap_dim = cmap_dim
         self.use_ref = use_ref
+        self.reference_map = reference_map
         self.main = _ConvTrunk(channels, hidden, num_downsample, virtual_batch_size, min_resolution)
         self.cls = _sn_conv(hidden, cmap_dim, 1)
         self.cmapper = nn.Linear(c_dim, cmap_dim)
@@ -416,8 +451,9 @@ class DiscriminatorHead(nn.Module):
         Args:
             x (Tensor): Feature map ``(B, channels, H, W)`` of the judged images.
             c (Tensor): Text embedding ``(B, c_dim)``.
-            ref (Tensor, optional): Feature map ``(B, channels, H', W')`` of the reference images; required iff
-                ``use_ref``.
+            ref (Tensor, optional): Feature map of the reference images; required iff ``use_ref``. Shape
+                ``(B, channels, H, W)`` (the judged map's grid) for ``per_location``, any ``(B, channels, H', W')``
+                for ``pooled``.
 
         Returns:
             Tensor: Logits ``(B, h * w)``.
@@ -431,7 +467,16 @@ class DiscriminatorHead(nn.Module):
                 raise ValueError('this head was built with use_ref=True; pass the reference feature map')
             if ref.shape[0] != b:
                 raise ValueError(f'reference batch size {ref.shape[0]} != image batch size {b}')
-            cond = cond + self.refmapper(ref).mean(dim=(2, 3), keepdim=True)
+            per_location = self.reference_map == 'per_location'
+            if per_location and ref.shape[-2:] != x.shape[-2:]:
+                # Equal input grids give equal trunk output grids (the trunk is a function of the input size).
+                raise ValueError(
+                    f"reference_map='per_location' adds the reference map location by location, so the reference "
+                    f'feature grid {tuple(ref.shape[-2:])} must equal the judged grid {tuple(x.shape[-2:])}: feed the '
+                    'reference images through the backbone at its input_size, or set '
+                    'algorithms.vfm_discriminator.reference_map: pooled')
+            refmap = self.refmapper(ref)
+            cond = cond + (refmap if per_location else refmap.mean(dim=(2, 3), keepdim=True))
         elif ref is not None:
             raise ValueError('this head was built with use_ref=False; got reference features')
         out = self.cls(self.main(x))
@@ -445,7 +490,7 @@ class VFMDiscriminatorHeads(nn.Module):
     Args:
         feature_channels (Sequence[int]): Channels of each feature map, one entry per head.
         **head_kwargs: Passed to every :class:`DiscriminatorHead` (``c_dim``, ``cmap_dim``, ``num_downsample``,
-            ``hidden_channels``, ``virtual_batch_size``, ``min_resolution``, ``use_ref``).
+            ``hidden_channels``, ``virtual_batch_size``, ``min_resolution``, ``use_ref``, ``reference_map``).
     """
 
     def __init__(self, feature_channels: Sequence[int], **head_kwargs: Any) -> None:

@@ -7,19 +7,22 @@ from typing import Any, Optional, Sequence
 import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
+from torch import nn
 
 from senseflow_algos.algorithms.utils import get_dmd_model
 from senseflow_algos.algorithms.vfm_discriminator.diffaug import diff_augment
 from senseflow_algos.algorithms.vfm_discriminator.losses import hinge_d_loss, hinge_g_loss
 from senseflow_algos.algorithms.vfm_discriminator.network import (
+    DEFAULT_REFERENCE_MAP,
     DEFAULT_VFM_MODEL,
+    REFERENCE_MAPS,
     VFMBackbone,
     VFMDiscriminatorHeads,
     fitting_downsamples,
 )
 from senseflow_algos.models.dmd import CRITIC_PHASE, GENERATOR_PHASE, DMDModel
 
-__all__ = ['VFMDiscriminator', 'discriminator_logits', 'reference_features']
+__all__ = ['VFMDiscriminator', 'discriminator_logits', 'reference_features', 'enable_decoder_checkpointing']
 
 #: Names under which the discriminator joins the DMD model.
 BACKBONE_ATTR, HEADS_ATTR = 'vfm_backbone', 'discriminator'
@@ -37,6 +40,24 @@ def discriminator_logits(backbone: VFMBackbone, heads: VFMDiscriminatorHeads, im
     if augment:
         images = diff_augment(images, augment, generator=generator)
     return heads(backbone(images), text, ref_features)
+
+
+def enable_decoder_checkpointing(vae: nn.Module) -> None:
+    """Gradient-checkpoint a diffusers VAE's blocks whenever it runs with gradient (the GAN term's decode).
+
+    Uses diffusers' own block checkpointing (``enable_gradient_checkpointing``): the ``Decoder`` checkpoints its mid
+    block and each up block (non-reentrant), and the mid block its resnets, only under ``torch.is_grad_enabled()``;
+    decodes under ``torch.no_grad()`` (sampling, the critic's fakes) take the plain path. The switch stays on for the
+    whole run: backward recomputes a block through the same code path, so the flag must not change between the
+    forward pass and the backward pass.
+
+    Raises:
+        TypeError: If ``vae`` has no diffusers gradient checkpointing.
+    """
+    if not getattr(vae, '_supports_gradient_checkpointing', False):
+        raise TypeError(f'algorithms.vfm_discriminator.decoder_grad_checkpointing: {type(vae).__name__} does not '
+                        'support diffusers gradient checkpointing')
+    vae.enable_gradient_checkpointing()
 
 
 @torch.no_grad()
@@ -57,8 +78,10 @@ class VFMDiscriminator(Algorithm):
     * Critic phase (every batch): ``mean(w * relu(1 - D(real))) + mean(w * relu(1 + D(fake)))`` on the detached
       sample, added to the critic loss.
 
-    ``w = (1 - sigma)^2`` at each sample's anchor. Heads are conditioned on the pooled CLIP text embedding and on the
-    backbone features of the batch's real image (``batch['image']``), which the data must carry.
+    ``w = model.family.adversarial_weight(sigma)`` at each sample's anchor (FLUX ``(1 - sigma)^2``, SD 3.5 the
+    reference code's ``scheduler.sigmas[t_idx]^2``; ``model.family_kwargs.adversarial_weighting``). Heads are
+    conditioned on the pooled CLIP text embedding and on the backbone features of the batch's real image
+    (``batch['image']``), which the data must carry.
 
     Args:
         backbone (str): timm ViT name. Default: DINOv2 ViT-L/14 (``vit_large_patch14_dinov2.lvd142m``).
@@ -72,17 +95,26 @@ class VFMDiscriminator(Algorithm):
         augment (str): DiffAugment policy on the discriminator's inputs. Default: ``color,translation,cutout``.
         cmap_dim (int): Conditioning projection width of the heads. Default: ``64``.
         num_downsample (int): Stride-2 stages per head. Default: ``3``.
-        hidden_channels (int, optional): Head trunk width. Default: the backbone width.
+        hidden_channels (int, optional): Head trunk width. Default (``None``): the backbone width, as the reference's
+            heads (1024 for ViT-L: about 773M head parameters over 8 heads; see the README for cheaper widths).
         grad_checkpointing (bool): Recompute backbone blocks in backward to save memory. Default: ``False``.
+        reference_map (str): How each head adds the reference image's map to the text projection: ``per_location``
+            (the released code) or ``pooled`` (averaged to one vector per sample). Default: ``per_location``.
+        decoder_grad_checkpointing (bool): Checkpoint the VAE decoder's blocks in the generator term's
+            differentiable decode. Default: ``False``.
     """
 
     def __init__(self, backbone: str = DEFAULT_VFM_MODEL, pretrained: bool = True,
                  block_indices: Optional[Sequence[int]] = None, input_size: Optional[int] = None,
                  backbone_kwargs: Optional[dict[str, Any]] = None, generator_weight: float = 2.0,
                  augment: str = 'color,translation,cutout', cmap_dim: int = 64, num_downsample: int = 3,
-                 hidden_channels: Optional[int] = None, grad_checkpointing: bool = False):
+                 hidden_channels: Optional[int] = None, grad_checkpointing: bool = False,
+                 reference_map: str = DEFAULT_REFERENCE_MAP, decoder_grad_checkpointing: bool = False):
         if generator_weight < 0:
             raise ValueError(f'algorithms.vfm_discriminator.generator_weight must be >= 0, got {generator_weight}')
+        if reference_map not in REFERENCE_MAPS:
+            raise ValueError(f'algorithms.vfm_discriminator.reference_map must be one of {list(REFERENCE_MAPS)}, '
+                             f'got {reference_map!r}')
         diff_augment(torch.zeros(1, 3, 8, 8), augment)  # reject an unknown policy now, not at the first batch
         self.backbone_name = backbone
         self.pretrained = pretrained
@@ -91,8 +123,10 @@ class VFMDiscriminator(Algorithm):
         self.backbone_kwargs = dict(backbone_kwargs or {})
         self.generator_weight = generator_weight
         self.augment = augment
-        self.head_kwargs = dict(cmap_dim=cmap_dim, num_downsample=num_downsample, hidden_channels=hidden_channels)
+        self.head_kwargs = dict(cmap_dim=cmap_dim, num_downsample=num_downsample, hidden_channels=hidden_channels,
+                                reference_map=reference_map)
         self.grad_checkpointing = grad_checkpointing
+        self.decoder_grad_checkpointing = decoder_grad_checkpointing
 
     def __repr__(self) -> str:
         return f'VFMDiscriminator(backbone={self.backbone_name!r}, generator_weight={self.generator_weight})'
@@ -145,6 +179,23 @@ class VFMDiscriminator(Algorithm):
 
     # -- set-up -------------------------------------------------------------------------------------------------------
 
+    def build_backbone(self) -> VFMBackbone:
+        """The frozen backbone this configuration uses (on the current default device, e.g. ``meta`` to plan)."""
+        return VFMBackbone(self.backbone_name, pretrained=self.pretrained, block_indices=self.block_indices,
+                           input_size=self.input_size, model_kwargs=self.backbone_kwargs,
+                           grad_checkpointing=self.grad_checkpointing)
+
+    def build_heads(self, backbone: VFMBackbone, text_dim: int) -> VFMDiscriminatorHeads:
+        """The trainable heads for ``backbone``'s feature maps and a pooled text embedding of width ``text_dim``.
+
+        Only the downsampling stages the backbone's grid goes through are built: a stage that never runs would hold
+        parameters with no gradient (and no optimizer state to checkpoint).
+        """
+        head_kwargs = dict(self.head_kwargs)
+        head_kwargs['num_downsample'] = fitting_downsamples(min(backbone.grid_size), head_kwargs['num_downsample'])
+        return VFMDiscriminatorHeads([backbone.embed_dim] * backbone.num_features_maps, c_dim=text_dim,
+                                     **head_kwargs)
+
     def _attach(self, model: DMDModel, state: State) -> None:
         if hasattr(model, HEADS_ATTR):
             raise RuntimeError('the DMD model already has a discriminator; add VFMDiscriminator once')
@@ -152,18 +203,13 @@ class VFMDiscriminator(Algorithm):
         # Fixed seed: the heads' initial weights do not depend on what ran before INIT.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(model.seed)
-            backbone = VFMBackbone(self.backbone_name, pretrained=self.pretrained, block_indices=self.block_indices,
-                                   input_size=self.input_size, model_kwargs=self.backbone_kwargs,
-                                   grad_checkpointing=self.grad_checkpointing)
-            # Build only the downsampling stages the backbone's grid goes through: a stage that never runs would
-            # hold parameters with no gradient (and no optimizer state to checkpoint).
-            head_kwargs = dict(self.head_kwargs)
-            head_kwargs['num_downsample'] = fitting_downsamples(min(backbone.grid_size), head_kwargs['num_downsample'])
-            heads = VFMDiscriminatorHeads([backbone.embed_dim] * backbone.num_features_maps, c_dim=text_dim,
-                                          **head_kwargs)
+            backbone = self.build_backbone()
+            heads = self.build_heads(backbone, text_dim)
         backbone._fsdp_wrap = False  # frozen and small next to the transformers: replicated on every rank
         setattr(model, BACKBONE_ATTR, backbone.to(model.device))
         setattr(model, HEADS_ATTR, heads.to(model.device))
         model.frozen_modules.append(BACKBONE_ATTR)
+        if self.decoder_grad_checkpointing:
+            enable_decoder_checkpointing(model.vae)
         optimizer = state.optimizers[0]
         optimizer.add_param_group({'params': list(heads.parameters()), 'role': 'discriminator'})
