@@ -31,7 +31,13 @@ from senseflow_algos.checkpointing import install_atomic_checkpoint_writes
 from senseflow_algos.data import build_synthetic_dataloader
 from senseflow_algos.models.dmd import DMDModel
 from senseflow_algos.models.factory import build_dmd_model
-from senseflow_algos.models.fsdp import fsdp_device, prepare_for_fsdp
+from senseflow_algos.models.fsdp import (
+    fsdp_device,
+    lean_start,
+    lean_start_trainer_config,
+    prepare_for_fsdp,
+    prepare_lean_start,
+)
 from senseflow_algos.models.fsdp_offload import GPUWithCPUCollectives, fsdp2_cpu_offload, pop_cpu_offload
 from senseflow_algos.optim import PhasedAdamW
 
@@ -76,9 +82,10 @@ SCHEDULERS = {
 }
 
 
-def build_model(model_cfg: dict[str, Any], seed: int) -> DMDModel:
-    """``model:`` section -> :class:`DMDModel`."""
-    return build_dmd_model(seed=seed, **model_cfg)
+def build_model(model_cfg: dict[str, Any], seed: int, transformers_on_meta: bool = False) -> DMDModel:
+    """``model:`` section -> :class:`DMDModel` (``transformers_on_meta``: this rank's part of a lean start, see
+    :func:`~senseflow_algos.models.fsdp.lean_start`)."""
+    return build_dmd_model(seed=seed, transformers_on_meta=transformers_on_meta, **model_cfg)
 
 
 def build_dataloader(dataset_cfg: dict[str, Any], resolution: int, seed: int) -> DataLoader:
@@ -170,7 +177,8 @@ def build_trainer(cfg: dict[str, Any]) -> Trainer:
     """Build everything a validated run config describes and return the Composer ``Trainer``."""
     seed = cfg.get('seed', 17)
     fsdp = (cfg['trainer'].get('parallelism_config') or {}).get('fsdp') is not None
-    trainer_cfg, cpu_offload = pop_cpu_offload(cfg['trainer'], os.environ.get('FSDP_VERSION', '1'))
+    fsdp_version = os.environ.get('FSDP_VERSION', '1')
+    trainer_cfg, cpu_offload = pop_cpu_offload(cfg['trainer'], fsdp_version)
     if fsdp and cfg['optimizer'].get('kind') == 'adamw_8bit':
         raise ValueError('optimizer.kind=adamw_8bit is for unsharded runs (one GPU, DDP): bitsandbytes\' block-wise '
                          'state cannot be saved by a sharded (FSDP) checkpoint. Use optimizer.kind=adamw with FSDP, '
@@ -181,9 +189,13 @@ def build_trainer(cfg: dict[str, Any]) -> Trainer:
     algorithms = build_algorithms(cfg.get('algorithms'))
     callbacks = build_callbacks(cfg.get('callbacks'))
     loggers = build_loggers(cfg.get('loggers'), cfg)
-    model = build_model(cfg['model'], seed=seed)
+    lean = lean_start(cfg['model'], fsdp, cpu_offload)  # rank 0 alone loads the transformers
+    model = build_model(cfg['model'], seed=seed, transformers_on_meta=lean and dist.get_global_rank() != 0)
     if fsdp:
         prepare_for_fsdp(model, device)
+    if lean:
+        trainer_cfg = lean_start_trainer_config(trainer_cfg, fsdp_version)
+        callbacks.append(prepare_lean_start(model))
     dataloader = build_dataloader(cfg['dataset'], resolution=cfg['model']['resolution'], seed=seed)
     optimizer = build_optimizer(cfg['optimizer'], model)
     scheduler = build_scheduler(cfg.get('scheduler'))

@@ -102,7 +102,9 @@ class DMDModel(ComposerModel):
         self._sample_cache: list[dict[str, Any]] = []
         self._weighted_terms: dict[str, torch.Tensor] = {}
         self._streams: dict[tuple[str, bool], torch.Generator] = {}
-        # Frozen networks are rebuilt from the teacher weights at start-up: keep them out of checkpoints.
+        # Frozen networks are rebuilt from the teacher weights at start-up: keep them out of checkpoints (except
+        # while FSDP2 broadcasts rank 0's weights at a lean start: models/fsdp.py sets this flag then).
+        self.keep_frozen_in_state_dict = False
         self._register_state_dict_hook(_drop_frozen_keys)
         self.register_load_state_dict_post_hook(_allow_missing_frozen_keys)
 
@@ -353,7 +355,8 @@ class DMDModel(ComposerModel):
 
 
 def _frozen(module: DMDModel, key: str, prefix: str = '') -> bool:
-    return any(key.startswith(f'{prefix}{name}.') for name in module.frozen_modules)
+    return not module.keep_frozen_in_state_dict and any(
+        key.startswith(f'{prefix}{name}.') for name in module.frozen_modules)
 
 
 def _drop_frozen_keys(module, state_dict, prefix, local_metadata):

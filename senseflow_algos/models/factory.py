@@ -17,9 +17,10 @@ DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = None, tiny: bool = False,
                     revision: Optional[str] = None, dtype: str = 'fp32', teacher_dtype: Optional[str] = None,
-                    gen_every: int = 5, backsim_prob: float = 0.5, dmd_guidance: Sequence[float] = (1.0, 8.0),
-                    family_kwargs: Optional[dict[str, Any]] = None, seed: int = 0, text_encoders: bool = True,
-                    vae_encoder: bool = True, lora: Optional[dict[str, Any]] = None) -> DMDModel:
+                    encoder_dtype: Optional[str] = None, gen_every: int = 5, backsim_prob: float = 0.5,
+                    dmd_guidance: Sequence[float] = (1.0, 8.0), family_kwargs: Optional[dict[str, Any]] = None,
+                    seed: int = 0, text_encoders: bool = True, vae_encoder: bool = True,
+                    lora: Optional[dict[str, Any]] = None, transformers_on_meta: bool = False) -> DMDModel:
     """Build a DMD model for a teacher family.
 
     Args:
@@ -28,9 +29,11 @@ def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = No
         pretrained (str, optional): Hub id or local diffusers pipeline folder of the teacher.
         tiny (bool): Build random-weight tiny components of the same classes instead (CPU tests, demos).
         revision (str, optional): Hub revision.
-        dtype (str): Dtype of generator, fake score, VAE and text encoders (``fp32``, ``bf16``, ``fp16``).
-            Default: ``fp32`` (Composer's ``amp_bf16`` autocasts the compute).
+        dtype (str): Dtype of the trained networks, generator and fake score (``fp32``, ``bf16``, ``fp16``).
+            Default: ``fp32`` (master weights; Composer's ``amp_bf16`` autocasts the compute).
         teacher_dtype (str, optional): Dtype of the frozen teacher. Default: same as ``dtype``.
+        encoder_dtype (str, optional): Dtype of the frozen VAE and text encoders. Default: ``teacher_dtype`` if set,
+            else ``dtype``.
         gen_every, backsim_prob, dmd_guidance, seed: See :class:`DMDModel`.
         family_kwargs (dict, optional): Extra arguments of the family class (e.g. SD 3.5's ``shift``).
         text_encoders (bool): Load the text encoders. ``False`` for training on precomputed embeddings
@@ -40,17 +43,21 @@ def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = No
         lora (dict, optional): Train LoRA adapters of generator and fake score instead of all weights: keyword
             arguments of :func:`~senseflow_algos.models.lora.apply_lora` (``rank``, ``alpha``, ``target_modules``,
             ``dropout``). Default: ``None`` (full fine-tuning, as the paper).
+        transformers_on_meta (bool): Read no transformer weight: teacher, generator and fake score are built on the
+            meta device from the teacher's config and receive their weights from global rank 0 when FSDP wraps them
+            (the lean start; :func:`~senseflow_algos.models.fsdp.lean_start` decides). VAE and text encoders are
+            loaded all the same. Needs ``pretrained``. Default: ``False``.
     """
     fam = get_family(family, **(family_kwargs or {}))
     if tiny:
+        if transformers_on_meta:
+            raise ValueError('transformers_on_meta is for loading model.pretrained; tiny models are built in full')
         components = fam.tiny_components(seed=seed, text_encoders=text_encoders, vae_encoder=vae_encoder)
     elif pretrained:
-        for key, value in (('model.dtype', dtype), ('model.teacher_dtype', teacher_dtype)):
-            if value is not None and value not in DTYPES:
-                raise ValueError(f'{key}={value!r} is not one of {sorted(DTYPES)}')
-        components = fam.load_components(pretrained, torch_dtype=DTYPES[dtype],
-                                         teacher_dtype=DTYPES[teacher_dtype] if teacher_dtype else None,
-                                         revision=revision, text_encoders=text_encoders, vae_encoder=vae_encoder)
+        torch_dtype, teacher, encoders = _resolve_dtypes(dtype, teacher_dtype, encoder_dtype)
+        components = fam.load_components(pretrained, torch_dtype=torch_dtype, teacher_dtype=teacher,
+                                         encoder_dtype=encoders, revision=revision, text_encoders=text_encoders,
+                                         vae_encoder=vae_encoder, transformers_on_meta=transformers_on_meta)
     else:
         raise ValueError('set model.pretrained (hub id or local diffusers folder) or model.tiny=true')
     if lora is not None:
@@ -60,9 +67,13 @@ def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = No
 
 
 def build_encoders(family: str, pretrained: Optional[str] = None, tiny: bool = False, revision: Optional[str] = None,
-                   dtype: str = 'fp32', family_kwargs: Optional[dict[str, Any]] = None, seed: int = 0):
+                   dtype: str = 'fp32', family_kwargs: Optional[dict[str, Any]] = None, seed: int = 0,
+                   teacher_dtype: Optional[str] = None, encoder_dtype: Optional[str] = None):
     """The family, its conditioner (text encoders) and its VAE alone, loaded as :func:`build_dmd_model` would load
-    them (same weights for the same arguments): what ``data_prep/precompute.py`` encodes with.
+    them (same weights and dtype for the same arguments): what ``data_prep/precompute.py`` encodes with.
+
+    The dtype is resolved as in :func:`build_dmd_model`: ``encoder_dtype``, else ``teacher_dtype``, else ``dtype``
+    (``data_prep/precompute.py`` passes its ``--dtype`` as ``dtype``).
 
     Returns:
         ``(family, conditioner, vae)``, frozen, in eval mode.
@@ -71,9 +82,19 @@ def build_encoders(family: str, pretrained: Optional[str] = None, tiny: bool = F
     if tiny:
         conditioner, vae = fam.tiny_encoders(seed=seed)
     elif pretrained:
-        if dtype not in DTYPES:
-            raise ValueError(f'dtype={dtype!r} is not one of {sorted(DTYPES)}')
-        conditioner, vae = fam.load_encoders(pretrained, torch_dtype=DTYPES[dtype], revision=revision)
+        encoders = _resolve_dtypes(dtype, teacher_dtype, encoder_dtype)[2]
+        conditioner, vae = fam.load_encoders(pretrained, torch_dtype=encoders, revision=revision)
     else:
         raise ValueError('give a pretrained teacher (hub id or local diffusers folder) or tiny=True')
     return fam, conditioner.requires_grad_(False).eval(), vae.requires_grad_(False).eval()
+
+
+def _resolve_dtypes(dtype: str, teacher_dtype: Optional[str],
+                    encoder_dtype: Optional[str]) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """``(student, teacher, encoders)`` torch dtypes: the teacher defaults to ``dtype``, the encoders to the teacher."""
+    for key, value in (('model.dtype', dtype), ('model.teacher_dtype', teacher_dtype),
+                       ('model.encoder_dtype', encoder_dtype)):
+        if value is not None and value not in DTYPES:
+            raise ValueError(f'{key}={value!r} is not one of {sorted(DTYPES)}')
+    teacher = teacher_dtype or dtype
+    return DTYPES[dtype], DTYPES[teacher], DTYPES[encoder_dtype or teacher]
