@@ -33,6 +33,12 @@ _EXPORTS = {
     'SampleGrid': 'senseflow_algos.callbacks',
     'ExportPipeline': 'senseflow_algos.callbacks',
     'build_trainer': 'senseflow_algos.builders',
+    'plan_run': 'senseflow_algos.plan',
+    'Hardware': 'senseflow_algos.plan',
+    'format_plan': 'senseflow_algos.plan',
+    'stochastic_round': 'senseflow_algos.stochastic_rounding',
+    'LowPrecisionAdamW': 'senseflow_algos.optim',
+    'preflight': 'senseflow_algos.preflight',
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,110 @@
+"""What the planner reads from a validated run config, with today's defaults for keys a config leaves out."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from senseflow_algos.config import ConfigError
+
+__all__ = ['RunSettings', 'FSDPSettings', 'read_run_settings', 'SHARDING_STRATEGIES']
+
+SHARDING_STRATEGIES = ('FULL_SHARD', 'SHARD_GRAD_OP', 'NO_SHARD', 'HYBRID_SHARD')
+
+
+@dataclass
+class FSDPSettings:
+    """``trainer.parallelism_config.fsdp`` as the planner models it."""
+    strategy: str = 'FULL_SHARD'
+    activation_checkpointing: bool = False
+    mixed_precision: str = 'DEFAULT'
+    cpu_offload: bool = False
+    limit_all_gathers: bool = True
+    replicate_degree: Optional[int] = None  # data_parallel_replicate_degree (-1: fill)
+    shard_degree: int = -1  # data_parallel_shard_degree (-1: fill)
+
+
+@dataclass
+class RunSettings:
+    """The keys of a run config that decide memory and compute."""
+    family: str
+    resolution: int
+    tiny: bool
+    pretrained: Optional[str]
+    dtype: str
+    teacher_dtype: Optional[str]
+    encoder_dtype: Optional[str]
+    gen_every: int
+    backsim_prob: float
+    text_encoders: bool
+    vae_encoder: bool
+    lora: Optional[dict[str, Any]]
+    family_kwargs: dict[str, Any]
+    isg: bool
+    vfm: Optional[dict[str, Any]]
+    dataset_kind: str
+    load_images: bool
+    global_batch_size: int
+    microbatch_size: Optional[int]
+    precision: str
+    fsdp: Optional[FSDPSettings]
+    optimizer_kind: str
+    min_8bit_size: int
+    stochastic_rounding: bool
+    max_duration: str
+    seed: int
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def has_real_data(self) -> bool:
+        """Batches carry images or latents (so the generator input is backward-simulated only with backsim_prob)."""
+        return self.dataset_kind != 'prompts'
+
+    @property
+    def precomputed(self) -> bool:
+        return self.dataset_kind == 'precomputed'
+
+    @property
+    def max_batches(self) -> Optional[int]:
+        match = re.fullmatch(r'(\d+)ba', self.max_duration)
+        return int(match[1]) if match else None
+
+
+def read_run_settings(cfg: dict[str, Any]) -> RunSettings:
+    """The planner's view of a validated config (:func:`~senseflow_algos.config.load_config` output).
+
+    Keys other parts of the project may not know yet (``model.encoder_dtype``, ``optimizer.stochastic_rounding``,
+    ``algorithms.vfm_discriminator.decoder_grad_checkpointing``) are read where present; absent means today's default.
+    """
+    model, trainer, optimizer, dataset = cfg['model'], cfg['trainer'], cfg['optimizer'], cfg['dataset']
+    algorithms = {k: v for k, v in (cfg.get('algorithms') or {}).items() if v is not None}
+    fsdp_cfg = (trainer.get('parallelism_config') or {}).get('fsdp')
+    fsdp = None
+    if fsdp_cfg is not None:
+        strategy = str(fsdp_cfg.get('sharding_strategy', 'FULL_SHARD')).upper()
+        if strategy not in SHARDING_STRATEGIES:
+            raise ConfigError(f'trainer.parallelism_config.fsdp.sharding_strategy={strategy!r} is not one of '
+                              f'{list(SHARDING_STRATEGIES)}')
+        fsdp = FSDPSettings(strategy=strategy,
+                            activation_checkpointing=bool(fsdp_cfg.get('activation_checkpointing', False)),
+                            mixed_precision=str(fsdp_cfg.get('mixed_precision', 'DEFAULT')).upper(),
+                            cpu_offload=bool(fsdp_cfg.get('cpu_offload', False)),
+                            limit_all_gathers=bool(fsdp_cfg.get('limit_all_gathers', True)),
+                            replicate_degree=fsdp_cfg.get('data_parallel_replicate_degree'),
+                            shard_degree=int(fsdp_cfg.get('data_parallel_shard_degree', -1)))
+    micro = trainer.get('device_train_microbatch_size')
+    return RunSettings(
+        family=model['family'], resolution=int(model['resolution']), tiny=bool(model.get('tiny', False)),
+        pretrained=model.get('pretrained'), dtype=model.get('dtype', 'fp32'), teacher_dtype=model.get('teacher_dtype'),
+        encoder_dtype=model.get('encoder_dtype'), gen_every=int(model.get('gen_every', 5)),
+        backsim_prob=float(model.get('backsim_prob', 0.5)), text_encoders=bool(model.get('text_encoders', True)),
+        vae_encoder=bool(model.get('vae_encoder', True)), lora=model.get('lora'),
+        family_kwargs=dict(model.get('family_kwargs') or {}), isg='isg' in algorithms,
+        vfm=dict(algorithms['vfm_discriminator'] or {}) if 'vfm_discriminator' in algorithms else None,
+        dataset_kind=dataset['kind'], load_images=bool(dataset.get('load_images', False)),
+        global_batch_size=int(dataset['global_batch_size']), microbatch_size=micro if isinstance(micro, int) else None,
+        precision=trainer.get('precision', 'fp32'), fsdp=fsdp, optimizer_kind=optimizer.get('kind', 'adamw'),
+        min_8bit_size=int(optimizer.get('min_8bit_size', 4096)),
+        stochastic_rounding=bool(optimizer.get('stochastic_rounding', False)),
+        max_duration=str(trainer['max_duration']), seed=int(cfg.get('seed', 17)), raw=cfg)
