@@ -15,10 +15,11 @@ EXPECTED = {
     'dmd_ida_isg': {'ImplicitDistributionAlignment', 'IntraSegmentGuidance'},
     'senseflow': {'ImplicitDistributionAlignment', 'IntraSegmentGuidance', 'VFMDiscriminator'},
 }
-# The FLUX ablations run on the tiny FLUX (same classes) with a tiny random ViT instead of DINOv2-L.
+# The FLUX ablations run on the tiny FLUX (same classes) on synthetic data with a tiny random ViT instead of DINOv2-L.
 TINY_OVERRIDES = [
     'model.tiny=true', 'model.resolution=32', 'model.dtype=fp32', 'model.teacher_dtype=fp32', 'trainer.device=cpu',
     'trainer.precision=fp32', 'trainer.autoresume=false', 'trainer.parallelism_config=null', 'dataset.global_batch_size=2',
+    'dataset.kind=synthetic', 'dataset.num_samples=64',
     'algorithms.vfm_discriminator.pretrained=false', 'algorithms.vfm_discriminator.backbone=vit_small_patch14_dinov2',
     'algorithms.vfm_discriminator.input_size=28', 'algorithms.vfm_discriminator.hidden_channels=16',
     'algorithms.vfm_discriminator.backbone_kwargs={img_size: 28, depth: 4, embed_dim: 32, num_heads: 2}',
