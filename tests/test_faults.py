@@ -32,6 +32,7 @@ def _model_state(path: Path) -> dict:
     return torch.load(path, map_location='cpu', weights_only=False)['state']['model']
 
 
+@pytest.mark.slow  # ~100 s: two training processes; the atomic-write test below covers the file-level fault in CI
 def test_sigkill_then_autoresume_matches_uninterrupted(tmp_path):
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     straight, killed = tmp_path / 'straight', tmp_path / 'killed'

@@ -74,7 +74,8 @@ def test_every_yaml_validates(path):
     validate_config(load_config(path), source=str(path))
 
 
-@pytest.mark.parametrize('yaml_name', ['tiny_flux', 'tiny_sd35'])
+# SD 3.5 through the launcher in `make test-slow`; the in-process tests train tiny SD 3.5 too.
+@pytest.mark.parametrize('yaml_name', ['tiny_flux', pytest.param('tiny_sd35', marks=pytest.mark.slow, id='tiny_sd35')])
 def test_composer_launcher_trains_tiny_config(yaml_name, tmp_path):
     launcher = shutil.which('composer')
     assert launcher, 'the composer launcher is not on PATH'

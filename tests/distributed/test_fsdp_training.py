@@ -63,7 +63,8 @@ def straight(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize('version', ['2', '1'])
+# The FSDP2 resume in `make test-slow` (its straight run stays in CI, for the offload test).
+@pytest.mark.parametrize('version', [pytest.param('2', marks=pytest.mark.slow, id='2'), '1'])
 def test_fsdp_trains_checkpoints_and_resumes_exactly(version, straight, tmp_path):
     folder = straight(version)
     _train(tmp_path / 'resumed', f'trainer.load_path={folder / "ep0-ba1"}', version=version)
