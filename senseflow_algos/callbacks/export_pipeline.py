@@ -36,10 +36,16 @@ def gather_generator(generator: nn.Module) -> Optional[nn.Module]:
     A collective: call it on every rank. The full state dict is gathered to rank 0 only, in CPU memory
     (``get_model_state_dict`` with ``full_state_dict`` and ``cpu_offload``); rank 0 builds a plain copy of the network
     on the meta device from its config and takes the gathered tensors as they are.
+
+    FSDP1 on CPU processes (gloo, the tests) gathers without ``cpu_offload``, to every rank: there torch's FSDP1
+    offload frees the storage of the gathered CPU parameters it then clones (a segmentation fault in torch 2.7).
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
-    state = get_model_state_dict(generator, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    fsdp1_on_cpu = isinstance(generator, FullyShardedDataParallel) and generator.compute_device.type == 'cpu'
+    state = get_model_state_dict(generator, options=StateDictOptions(full_state_dict=True,
+                                                                     cpu_offload=not fsdp1_on_cpu))
     if dist.get_global_rank() != 0:
         return None
     cls = _diffusers_class(generator)
