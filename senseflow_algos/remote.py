@@ -53,6 +53,15 @@ def _get(store, name: str, dest: Path) -> bool:
     return True
 
 
+def _get_link(store, name: str, dest: Path) -> bool:
+    """Download the ``.symlink`` object ``name`` itself (``get_file`` would follow it to the file it names)."""
+    try:
+        store.download_object(name, str(dest), overwrite=True)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _fetch_sharded(store, uri: str, key: str, dest: Path) -> Optional[Path]:
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -93,7 +102,7 @@ def fetch_checkpoint(uri: str, dest: str | Path, say: Callable[[str], None] = pr
         checkpoint, run = _fetch_sharded(store, uri, key, dest), str(Path(key).parent)
         if checkpoint is None:  # a run folder: follow Composer's remote latest link
             with tempfile.TemporaryDirectory() as tmp:
-                if not _get(store, f'{key}/{LATEST_SYMLINK}', Path(tmp) / 'latest'):
+                if not _get_link(store, f'{key}/{LATEST_SYMLINK}', Path(tmp) / 'latest'):
                     raise CheckpointError(f'{uri} holds no checkpoint: no {SHARDED_METADATA} (a sharded checkpoint) '
                                           f'and no {LATEST_SYMLINK} (a run folder); pass the URI of a checkpoint')
                 real = (Path(tmp) / 'latest').read_text().strip().strip('/')
