@@ -263,13 +263,17 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, config: Optional[
         method, dtype, bare: See :func:`export_pipeline`.
         progress (bool): Show a progress bar.
     """
+    import tempfile
+
     from tqdm.auto import tqdm
 
+    from senseflow_algos.remote import is_uri
     from senseflow_algos.restore import restore_student
 
-    with tqdm(total=2, desc='export', disable=not progress) as bar:
-        bar.set_postfix_str('reading the generator')
-        student = restore_student(checkpoint, config, overrides, say=bar.write if progress else print)
+    with tqdm(total=2, desc='export', disable=not progress) as bar, tempfile.TemporaryDirectory(
+            prefix='senseflow-export-') as cache:  # an object-store checkpoint is downloaded here, then deleted
+        bar.set_postfix_str('downloading and reading the generator' if is_uri(checkpoint) else 'reading the generator')
+        student = restore_student(checkpoint, config, overrides, cache=cache, say=bar.write if progress else print)
         bar.update()
         bar.set_postfix_str(f'writing {out}')
         folder = export_pipeline(student, out, method=method, dtype=dtype, bare=bare, source=student.source)

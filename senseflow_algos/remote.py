@@ -53,6 +53,11 @@ def _get(store, name: str, dest: Path) -> bool:
     return True
 
 
+def _is_file_name(key: str) -> bool:
+    """Whether an object name is a checkpoint file (not a folder): Composer's checkpoint and weight suffixes."""
+    return key.endswith(('.pt', '.safetensors', '.pt.lz4', '.pt.zst', '.pt.gz', '.tar', '.tar.gz'))
+
+
 def _get_link(store, name: str, dest: Path) -> bool:
     """Download the ``.symlink`` object ``name`` itself (``get_file`` would follow it to the file it names)."""
     try:
@@ -66,7 +71,9 @@ def _fetch_sharded(store, uri: str, key: str, dest: Path) -> Optional[Path]:
     from torch.distributed.checkpoint import FileSystemReader
 
     folder = dest / Path(key).name
-    if not _get(store, f'{key}/{SHARDED_METADATA}', folder / SHARDED_METADATA):
+    if _is_file_name(key) or not _get(store, f'{key}/{SHARDED_METADATA}', folder / SHARDED_METADATA):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
         return None
     metadata = FileSystemReader(str(folder)).read_metadata()
     for name in sorted({info.relative_path for info in (metadata.storage_data or {}).values()}):
@@ -94,7 +101,7 @@ def fetch_checkpoint(uri: str, dest: str | Path, say: Callable[[str], None] = pr
     store, key = _store(uri)
     dest = Path(dest)
     say(f'downloading {uri} to {dest}')
-    if key.endswith(('.pt', '.safetensors')) or Path(key).suffix in ('.lz4', '.zst', '.tar'):
+    if _is_file_name(key):
         checkpoint, run = dest / Path(key).name, str(Path(key).parent)
         if not _get(store, key, checkpoint):
             raise CheckpointError(f'checkpoint {uri} does not exist in the object store')
