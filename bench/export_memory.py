@@ -52,7 +52,15 @@ def _status(key: str) -> int:
 def child(mode: str, checkpoint: str, out: str) -> None:
     """One export in this process; prints ``PEAK <json>``."""
     start = time.time()
-    if mode == 'old':
+    if mode == 'baseline':  # the imports, the VAE and the text encoders: what every export holds besides weights
+        import senseflow_algos.builders  # noqa: F401
+        import senseflow_algos.export  # noqa: F401
+        from senseflow_algos.config import load_config
+        from senseflow_algos.models.factory import build_encoders
+
+        model = load_config(Path(checkpoint).parent / 'run_config.yaml')['model']
+        build_encoders('flux', pretrained=model['pretrained'], dtype='fp32', encoder_dtype=model['encoder_dtype'])
+    elif mode == 'old':
         import torch
 
         from senseflow_algos.builders import build_model
@@ -117,7 +125,9 @@ def write_report(result: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / 'export_memory.json').write_text(json.dumps(result, indent=2) + '\n')
     w = result['weights']
-    rows = [f'| {name} | {_gb(r["VmHWM"])} GB | {r["wall_s"]:.1f} s |' for name, r in result['runs'].items()]
+    base = next(iter(result['runs'].values()))['VmHWM']
+    rows = [f'| {name} | {_gb(r["VmHWM"])} GB | {_gb(r["VmHWM"] - base)} GB | {r["wall_s"]:.1f} s |'
+            for name, r in result['runs'].items()]
     text = f"""# Peak host RAM of an export: the whole model rebuilt vs the generator alone
 
 Command: `{result['command']}` ({result['machine']}, torch {result['torch']}, Composer {result['composer']}, load
@@ -128,15 +138,17 @@ parameters (teacher {_gb(w['teacher_bytes'])} GB in bf16), generator and fake sc
 in fp32, VAE and text encoders {_gb(w['encoder_bytes'])} GB (tiny). Checkpoint: {_gb(result['checkpoint_bytes'])} GB
 (generator and fake score in fp32), unsharded `.pt` and the same state sharded.
 
-| export | peak RSS of the process | wall |
-|---|---|---|
+| export | peak RSS of the process | above the baseline | wall |
+|---|---|---|---|
 {chr(10).join(rows)}
 
 "old" is what `export.py` ran before `senseflow_algos/restore.py`: `build_model` (teacher, generator, fake score,
 VAE and text encoders built and loaded) then the generator's weights from the checkpoint. "new" reads the generator
 alone (memory-mapped `.pt`, or the shards into tensors allocated once) into a generator built on the meta device, and
 the VAE and text encoders from the teacher folder; the teacher and the fake score are never built. Peak RSS counts the
-memory-mapped checkpoint pages the process touched. At FLUX.1-dev's size (11.9 B parameters) the old path holds the
+memory-mapped checkpoint pages the process touched. The baseline row is a process that imports the same modules and
+loads only the VAE and text encoders; above it, the new export holds about one fp32 generator, the old one the teacher,
+generator, fake score and the generator's checkpoint pages. At FLUX.1-dev's size (11.9 B parameters) the old path holds the
 bf16 teacher (23.8 GB) and two fp32 transformers (47.6 GB each) before writing; the new one holds one fp32 generator
 (47.6 GB, less in bf16) plus the VAE and text encoders.
 """
@@ -165,7 +177,9 @@ def main(argv: list[str] | None = None) -> None:
         sizes = save_pipeline(pipeline, args.layers, args.single_layers, args.heads)
         made = make_run(run, pipeline)
         runs = {}
-        for name, mode, checkpoint in (('old: build_model + load (.pt)', 'old', run / 'ep0-ba1-rank0.pt'),
+        for name, mode, checkpoint in (('baseline: imports, VAE and text encoders only', 'baseline',
+                                        run / 'ep0-ba1-rank0.pt'),
+                                       ('old: build_model + load (.pt)', 'old', run / 'ep0-ba1-rank0.pt'),
                                        ('new: export.py (.pt)', 'new', run / 'ep0-ba1-rank0.pt'),
                                        ('new: export.py (sharded folder)', 'new', run / 'ep0-ba2')):
             runs[name] = run_child(mode, checkpoint, Path(tmp) / f'out-{len(runs)}')
