@@ -105,6 +105,7 @@ def test_fsdp2_sharded_checkpoint_exports_like_unsharded(sharded_run, tmp_path):
     _check_sharded_export('2', sharded_run('2'), tmp_path)
 
 
+@pytest.mark.slow  # the pair takes over 100 s on 2 shared cores; FSDP2 runs by default
 def test_fsdp1_sharded_checkpoint_exports_like_unsharded(sharded_run, tmp_path):
     _check_sharded_export('1', sharded_run('1'), tmp_path)
 
