@@ -29,6 +29,8 @@ _EXPORTS = {
     'functional': 'senseflow_algos.functional',
     'sample': 'senseflow_algos.sampling',
     'export_checkpoint': 'senseflow_algos.export',
+    'restore_student': 'senseflow_algos.restore',
+    'CheckpointError': 'senseflow_algos.checkpointing',
     'evaluate': 'senseflow_algos.evaluation',
     'SampleGrid': 'senseflow_algos.callbacks',
     'ExportPipeline': 'senseflow_algos.callbacks',

@@ -27,7 +27,7 @@ from senseflow_algos.algorithms.ida import ImplicitDistributionAlignment
 from senseflow_algos.algorithms.isg import IntraSegmentGuidance
 from senseflow_algos.algorithms.vfm_discriminator import VFMDiscriminator
 from senseflow_algos.callbacks import ExportPipeline, SampleGrid
-from senseflow_algos.checkpointing import install_atomic_checkpoint_writes
+from senseflow_algos.checkpointing import check_before_load, install_atomic_checkpoint_writes
 from senseflow_algos.data import build_synthetic_dataloader
 from senseflow_algos.models.dmd import DMDModel
 from senseflow_algos.models.factory import build_dmd_model
@@ -185,6 +185,7 @@ def build_trainer(cfg: dict[str, Any]) -> Trainer:
                          'or trainer.parallelism_config=null')
     device = fsdp_device() if fsdp else None  # before any model loads: FSDP1 without CUDA fails here
     install_atomic_checkpoint_writes()
+    check_before_load(trainer_cfg, cfg.get('run_name'), dist.get_global_rank())  # before any model loads
     # Cheap objects first: a bad algorithm or callback setting fails before a teacher is loaded.
     algorithms = build_algorithms(cfg.get('algorithms'))
     callbacks = build_callbacks(cfg.get('callbacks'))
@@ -223,11 +224,23 @@ def build_trainer(cfg: dict[str, Any]) -> Trainer:
 
 
 def save_run_config(cfg: dict[str, Any], trainer: Trainer) -> None:
-    """Write the resolved run config as ``run_config.yaml`` into a local save folder (rank 0), so ``export.py`` and
-    later tools rebuild exactly this model from a checkpoint."""
+    """Write the resolved run config as ``run_config.yaml`` into the save folder (global rank 0; under FSDP too), so
+    ``export.py`` and later tools rebuild exactly this model from a checkpoint. An object-store save folder
+    (``s3://...``) gets it uploaded with Composer's object store for the URI, beside the checkpoints Composer uploads."""
     folder = cfg['trainer'].get('save_folder')
-    if not folder or '://' in folder or dist.get_global_rank() != 0:
+    if not folder or dist.get_global_rank() != 0:
         return
-    folder = Path(folder.replace('{run_name}', trainer.state.run_name))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / 'run_config.yaml').write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    folder = folder.replace('{run_name}', trainer.state.run_name)
+    text = OmegaConf.to_yaml(OmegaConf.create(cfg))
+    if '://' in folder:
+        import tempfile
+
+        from senseflow_algos.remote import RUN_CONFIG, upload_file
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / RUN_CONFIG
+            local.write_text(text)
+            upload_file(folder, RUN_CONFIG, local)
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / 'run_config.yaml').write_text(text)

@@ -17,7 +17,9 @@ Randomness: the pipeline draws its initial noise from ``generator`` but the sche
 device's global RNG (``step`` is called without a generator); pass
 :func:`senseflow_algos.sampling.seeded_default_generator` to both to get identical samples.
 
-Command line: ``python export.py <checkpoint .pt | run folder> <out folder> [--config yamls/x.yaml overrides...]``.
+Command line: ``python export.py <run folder | checkpoint | object-store URI> <out folder> [--config yamls/x.yaml
+overrides...]``; the checkpoint is read by :mod:`senseflow_algos.restore` (unsharded ``.pt``, FSDP1 / FSDP2 sharded
+folders, ``.safetensors``; generator weights only).
 """
 
 from __future__ import annotations
@@ -42,16 +44,11 @@ __all__ = [
     'PIPELINE_CLASSES',
     'EXPORT_INFO',
     'BARE_WEIGHTS',
-    'RUN_CONFIG_NAMES',
     'ExportError',
     'student_scheduler_config',
     'pipeline_sigmas',
     'build_pipeline',
     'export_pipeline',
-    'resolve_checkpoint',
-    'find_run_config',
-    'load_generator_state',
-    'load_model_from_checkpoint',
     'export_checkpoint',
     'load_export_info',
     'pipeline_call_kwargs',
@@ -65,8 +62,6 @@ PIPELINE_CLASSES = {'flux': 'FluxPipeline', 'sd35': 'StableDiffusion3Pipeline'}
 EXPORT_INFO = 'senseflow_export.json'
 #: The bare generator weights (the diffusers transformer's state dict).
 BARE_WEIGHTS = 'generator.safetensors'
-#: Names under which a run config is looked for next to a checkpoint (and in the folder above it).
-RUN_CONFIG_NAMES = ('run_config.yaml', 'config.yaml')
 
 _DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -255,146 +250,33 @@ def export_pipeline(model: 'DMDModel', out: str | Path, method: str = 'renoise',
 # Checkpoints
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file from a ``.pt`` / ``.safetensors`` path or a run folder (its ``latest-rank0.pt``).
-
-    Raises:
-        ExportError: Naming the missing path and what the folder holds.
-    """
-    path = Path(path)
-    if path.is_dir():
-        latest = path / 'latest-rank0.pt'
-        if latest.exists():
-            return latest
-        found = sorted(p.name for p in path.glob('*.pt'))
-        raise ExportError(f'run folder {path} has no latest-rank0.pt' +
-                          (f'; checkpoints there: {found} (pass one of them)' if found else ' and no *.pt checkpoint'))
-    if not path.exists():
-        raise ExportError(f'checkpoint {path} does not exist')
-    return path
-
-
-def find_run_config(checkpoint: str | Path) -> Optional[Path]:
-    """A run config saved next to ``checkpoint`` (or in the folder above), named one of :data:`RUN_CONFIG_NAMES`."""
-    folder = Path(checkpoint).resolve().parent
-    for d in (folder, folder.parent):
-        for name in RUN_CONFIG_NAMES:
-            if (d / name).is_file():
-                return d / name
-    return None
-
-
-def _strip(key: str) -> str:
-    return key[len('module.'):] if key.startswith('module.') else key
-
-
-def load_generator_state(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The generator's state dict from a Composer checkpoint (or a bare ``.safetensors``), and checkpoint metadata.
-
-    Returns:
-        tuple: ``(state_dict, meta)`` where ``meta`` holds the checkpoint's ``run_name`` when known.
-    """
-    path = resolve_checkpoint(checkpoint)
-    if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
-
-        return load_file(str(path)), {}
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
-        raise ExportError(f'cannot read checkpoint {path}: {e}') from e
-    state = ckpt.get('state') if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or 'model' not in state:
-        raise ExportError(f'{path} is not a Composer checkpoint (no state.model); top-level keys: '
-                          f'{sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__}')
-    prefix = 'generator.'
-    gen = {_strip(k)[len(prefix):]: v for k, v in state['model'].items() if _strip(k).startswith(prefix)}
-    if not gen:
-        tops = sorted({_strip(k).split('.')[0] for k in state['model']})
-        raise ExportError(f'checkpoint {path} holds no generator weights (keys generator.*); model keys start with '
-                          f'{tops}')
-    return gen, {'run_name': state.get('run_name')}
-
-
-def _config_hint(run_name: Optional[str]) -> str:
-    from senseflow_algos.config import DEFAULT_SCHEMA
-
-    if not run_name:
-        return ''
-    import yaml
-
-    matches = []
-    for p in sorted(DEFAULT_SCHEMA.parent.rglob('*.yaml')):
-        try:
-            if (yaml.safe_load(p.read_text()) or {}).get('run_name') == run_name:
-                matches.append(str(p))
-        except Exception:  # noqa: BLE001 - a hint only
-            continue
-    return f' (the checkpoint is from run {run_name!r}' + (f'; configs with that run_name: {matches})' if matches
-                                                            else ')')
-
-
-def load_model_from_checkpoint(checkpoint: str | Path, config: Optional[str | Path] = None,
-                               overrides: Sequence[str] = ()) -> 'DMDModel':
-    """Rebuild the DMD model from its run config and load the generator weights of ``checkpoint``.
-
-    Checkpoints hold the generator, fake score and heads but not the frozen teacher, VAE and text encoders; those are
-    rebuilt from the config (``model.pretrained`` or the tiny models with the run's ``seed``).
-
-    Args:
-        checkpoint: A ``.pt`` file, a run folder (``latest-rank0.pt``) or a bare ``generator.safetensors``.
-        config: The run YAML. Default: a :data:`RUN_CONFIG_NAMES` file next to the checkpoint.
-        overrides: Dotted ``key=value`` overrides of the config (as given to ``train.py``).
-
-    Raises:
-        ExportError: No config found, or the weights do not fit the model the config builds.
-    """
-    from senseflow_algos.builders import build_model
-    from senseflow_algos.config import load_config, validate_config
-
-    path = resolve_checkpoint(checkpoint)
-    state, meta = load_generator_state(path)
-    if config is None:
-        config = find_run_config(path)
-        if config is None:
-            raise ExportError(f'no run config found for {path} (looked for {list(RUN_CONFIG_NAMES)} next to it and one '
-                              f'folder up); pass --config yamls/<the yaml it was trained with> and the same '
-                              f'overrides{_config_hint(meta.get("run_name"))}')
-    cfg = load_config(config, list(overrides))
-    validate_config(cfg, source=str(config))
-    # A run trained on precomputed embeddings / latents may have skipped the text encoders or the VAE encoder; a
-    # pipeline needs both.
-    for key in ('text_encoders', 'vae_encoder'):
-        if cfg['model'].get(key) is False:
-            cfg['model'][key] = True
-    model = build_model(cfg['model'], seed=cfg.get('seed', 17))
-    own = model.generator.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatch = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}' for k, v in state.items()
-                if k in own and v.shape != own[k].shape]
-    if missing or unexpected or mismatch:
-        raise ExportError(f'generator weights of {path} do not fit the model built from {config} '
-                          f'(model.family={cfg["model"]["family"]}): {len(missing)} missing {missing[:3]}, '
-                          f'{len(unexpected)} unexpected {unexpected[:3]}, {len(mismatch)} shape mismatches '
-                          f'{mismatch[:3]}')
-    model.generator.load_state_dict(state, strict=True)
-    return model
-
-
 def export_checkpoint(checkpoint: str | Path, out: str | Path, config: Optional[str | Path] = None,
                       overrides: Sequence[str] = (), method: str = 'renoise', dtype: Optional[str] = None,
                       bare: bool = True, progress: bool = True) -> Path:
-    """:func:`load_model_from_checkpoint` then :func:`export_pipeline` (what ``python export.py`` runs)."""
+    """:func:`~senseflow_algos.restore.restore_student` then :func:`export_pipeline` (what ``python export.py`` runs).
+
+    Args:
+        checkpoint: A run folder, a checkpoint (``.pt``, sharded folder, ``.safetensors``) or an object-store URI of
+            one of those (see :mod:`senseflow_algos.restore`).
+        out: The output folder.
+        config, overrides: The run YAML and overrides. Default: the ``run_config.yaml`` saved with the checkpoints.
+        method, dtype, bare: See :func:`export_pipeline`.
+        progress (bool): Show a progress bar.
+    """
+    import tempfile
+
     from tqdm.auto import tqdm
 
-    with tqdm(total=2, desc='export', disable=not progress) as bar:
-        bar.set_postfix_str('rebuilding the model and loading the generator')
-        model = load_model_from_checkpoint(checkpoint, config, overrides)
+    from senseflow_algos.remote import is_uri
+    from senseflow_algos.restore import restore_student
+
+    with tqdm(total=2, desc='export', disable=not progress) as bar, tempfile.TemporaryDirectory(
+            prefix='senseflow-export-') as cache:  # an object-store checkpoint is downloaded here, then deleted
+        bar.set_postfix_str('downloading and reading the generator' if is_uri(checkpoint) else 'reading the generator')
+        student = restore_student(checkpoint, config, overrides, cache=cache, say=bar.write if progress else print)
         bar.update()
         bar.set_postfix_str(f'writing {out}')
-        folder = export_pipeline(model, out, method=method, dtype=dtype, bare=bare,
-                                 source=str(resolve_checkpoint(checkpoint)))
+        folder = export_pipeline(student, out, method=method, dtype=dtype, bare=bare, source=student.source)
         bar.update()
     return folder
 
@@ -448,12 +330,13 @@ def sampling_components_from_pipeline(pipe, info: dict[str, Any]) -> SamplingCom
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python export.py <checkpoint | run folder> <out> [--config x.yaml overrides...]``; returns an exit code."""
+    """``python export.py <run folder | checkpoint | URI> <out> [--config x.yaml overrides...]``; returns an exit code."""
     parser = argparse.ArgumentParser(
         prog='python export.py',
         description='Export a SenseFlow / DMD generator checkpoint to a diffusers pipeline folder.')
-    parser.add_argument('checkpoint', help='Composer checkpoint (.pt), run folder (uses latest-rank0.pt) or a bare '
-                        'generator .safetensors')
+    parser.add_argument('checkpoint', help='run folder (its latest checkpoint), Composer checkpoint (.pt file or '
+                        'sharded ep*-ba* folder), a bare generator .safetensors, or an object-store URI of one of '
+                        'those (s3://bucket/runs/x)')
     parser.add_argument('out', help='output folder (a diffusers pipeline)')
     parser.add_argument('overrides', nargs='*', help='dotted key=value overrides of the run config')
     parser.add_argument('--config', help='the run YAML the checkpoint was trained with (default: run_config.yaml '
@@ -464,12 +347,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         'trained)')
     parser.add_argument('--no-bare', action='store_true', help='do not write generator.safetensors')
     args = parser.parse_intermixed_args(argv)
+    from senseflow_algos.checkpointing import CheckpointError
     from senseflow_algos.config import ConfigError
 
     try:
         folder = export_checkpoint(args.checkpoint, args.out, config=args.config, overrides=args.overrides,
                                    method=args.method, dtype=args.dtype, bare=not args.no_bare)
-    except (ExportError, ConfigError) as e:
+    except (ExportError, ConfigError, CheckpointError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     call = pipeline_call_kwargs(folder)

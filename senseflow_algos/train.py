@@ -30,8 +30,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from senseflow_algos.builders import build_trainer
+    from senseflow_algos.checkpointing import CheckpointError
 
-    trainer = build_trainer(cfg)
+    try:
+        trainer = build_trainer(cfg)
+    except CheckpointError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
     trainer.fit()
     trainer.close()
     return 0

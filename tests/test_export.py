@@ -10,19 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from senseflow_algos.checkpointing import CheckpointError
 from senseflow_algos.config import load_config, validate_config
 from senseflow_algos.export import (
     BARE_WEIGHTS,
     EXPORT_INFO,
-    ExportError,
     export_checkpoint,
-    load_generator_state,
-    load_model_from_checkpoint,
     main,
     pipeline_call_kwargs,
-    resolve_checkpoint,
     sampling_components_from_pipeline,
 )
+from senseflow_algos.restore import read_generator_state, resolve_checkpoint, restore_student
 from senseflow_algos.sampling import sample, seeded_default_generator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,8 +89,11 @@ def _pipe_images(folder: Path, seed: int = 0, drop=(), **extra):
 def test_export_round_trip_reproduces_the_in_repo_sampler(run, tmp_path):
     out = export_checkpoint(run['folder'], tmp_path / 'export', config=_yaml(run['family']),
                             overrides=run['overrides'], progress=False)
-    model = load_model_from_checkpoint(run['folder'], _yaml(run['family']), run['overrides'])
+    model = restore_student(run['folder'], _yaml(run['family']), run['overrides'])
     ours = sample(model, PROMPTS, generator=seeded_default_generator(0)).images
+    # The student restored from the checkpoint (generator alone) samples as the trained model itself.
+    live = sample(run['trainer'].state.model, PROMPTS, generator=seeded_default_generator(0)).images
+    assert torch.equal(ours, live)
     # FLUX: FluxPipeline's default 4-step sigmas are the anchors; only the training size is passed. SD 3.5: the
     # pipeline needs sigmas= and guidance_scale=1 (written to senseflow_export.json).
     drop = ('sigmas',) if run['family'] == 'flux' else ()
@@ -116,7 +117,7 @@ def test_export_holds_the_trained_generator_weights(run, tmp_path):
 
     out = export_checkpoint(resolve_checkpoint(run['folder']), tmp_path / 'export', config=_yaml(run['family']),
                             overrides=run['overrides'], dtype='bf16', progress=False)
-    state, meta = load_generator_state(run['folder'])
+    state, meta = read_generator_state(run['folder'])
     bare = load_file(str(out / BARE_WEIGHTS))
     assert meta['run_name'] == f'tiny-{run["family"]}'
     assert bare.keys() == state.keys()
@@ -138,7 +139,7 @@ def test_euler_export_reproduces_the_euler_sampler(run, tmp_path):
                  *run['overrides'], '--method', 'euler', '--no-bare'])
     assert code == 0
     assert not (tmp_path / 'euler' / BARE_WEIGHTS).exists()
-    model = load_model_from_checkpoint(run['folder'], _yaml(run['family']), run['overrides'])
+    model = restore_student(run['folder'], _yaml(run['family']), run['overrides'])
     ours = sample(model, PROMPTS, generator=seeded_default_generator(0), method='euler').images
     pipe, theirs = _pipe_images(tmp_path / 'euler')
     assert pipe.scheduler.config.stochastic_sampling is False
@@ -195,22 +196,22 @@ def test_sample_grid_does_not_change_training(run, tmp_path):
 
 
 def test_export_errors_name_the_problem(run, tmp_path):
-    with pytest.raises(ExportError, match='does not exist'):
+    with pytest.raises(CheckpointError, match='does not exist'):
         resolve_checkpoint(tmp_path / 'nope.pt')
     empty = tmp_path / 'empty'
     empty.mkdir()
-    with pytest.raises(ExportError, match='no latest-rank0.pt'):
+    with pytest.raises(CheckpointError, match='no latest-rank0.pt'):
         resolve_checkpoint(empty)
     # Training saved run_config.yaml next to the checkpoints, so no --config is needed.
     assert (run['folder'] / 'run_config.yaml').is_file()
-    assert load_model_from_checkpoint(run['folder']).family.name == run['family']
+    assert restore_student(run['folder']).family.name == run['family']
     # Without it, the error says what to pass and which YAML has that run_name.
     bare = tmp_path / 'bare'
     bare.mkdir()
     shutil.copy(os.path.realpath(run['folder'] / 'latest-rank0.pt'), bare / 'latest-rank0.pt')
-    with pytest.raises(ExportError, match=r"--config.*tiny-" + run['family']):
-        load_model_from_checkpoint(bare)
+    with pytest.raises(CheckpointError, match=r"--config.*tiny-" + run['family']):
+        restore_student(bare)
     if run['family'] == 'sd35':  # weights that do not fit the config's model
-        with pytest.raises(ExportError, match='do not fit'):
-            load_model_from_checkpoint(run['folder'], _yaml('flux'), ['trainer.progress_bar=false'])
+        with pytest.raises(CheckpointError, match='do not fit'):
+            restore_student(run['folder'], _yaml('flux'), ['trainer.progress_bar=false'])
     assert main([str(tmp_path / 'nope.pt'), str(tmp_path / 'out')]) == 2

@@ -6,9 +6,11 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist, format_name_with_dist
+from torch import nn
 
 from senseflow_algos.algorithms.utils import get_dmd_model
 from senseflow_algos.callbacks.sample_grid import run_folder
@@ -16,14 +18,48 @@ from senseflow_algos.sampling import METHODS
 
 log = logging.getLogger(__name__)
 
-__all__ = ['ExportPipeline']
+__all__ = ['ExportPipeline', 'gather_generator']
+
+
+def _diffusers_class(net: nn.Module) -> type:
+    """The diffusers class of a (possibly FSDP1-wrapped or FSDP2-sharded) transformer."""
+    inner = getattr(net, 'module', net)  # FSDP1 wraps; FSDP2 swaps the class for an FSDP<name> subclass
+    for cls in type(inner).__mro__:
+        if cls.__module__.startswith('diffusers.'):
+            return cls
+    raise TypeError(f'the generator ({type(inner).__name__}) is not a diffusers model')
+
+
+def gather_generator(generator: nn.Module) -> Optional[nn.Module]:
+    """The full generator on global rank 0's CPU, from an FSDP1- or FSDP2-sharded one; ``None`` on other ranks.
+
+    A collective: call it on every rank. The full state dict is gathered to rank 0 only, in CPU memory
+    (``get_model_state_dict`` with ``full_state_dict`` and ``cpu_offload``); rank 0 builds a plain copy of the network
+    on the meta device from its config and takes the gathered tensors as they are.
+
+    FSDP1 on CPU processes (gloo, the tests) gathers without ``cpu_offload``, to every rank: there torch's FSDP1
+    offload frees the storage of the gathered CPU parameters it then clones (a segmentation fault in torch 2.7).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    fsdp1_on_cpu = isinstance(generator, FullyShardedDataParallel) and generator.compute_device.type == 'cpu'
+    state = get_model_state_dict(generator, options=StateDictOptions(full_state_dict=True,
+                                                                     cpu_offload=not fsdp1_on_cpu))
+    if dist.get_global_rank() != 0:
+        return None
+    cls = _diffusers_class(generator)
+    with torch.device('meta'):
+        net = cls.from_config(getattr(generator, 'module', generator).config)
+    net.load_state_dict(state, strict=True, assign=True)
+    return net.requires_grad_(False).eval()
 
 
 class ExportPipeline(Callback):
     """At ``Event.FIT_END``, export the generator with :func:`senseflow_algos.export.export_pipeline` (rank 0).
 
-    Under FSDP the generator's parameters are sharded; the callback then skips with a warning, and the final
-    checkpoint is exported with ``python export.py``.
+    Under FSDP (FSDP1 or FSDP2) the generator's full state is first gathered to global rank 0's CPU
+    (:func:`gather_generator`); rank 0 writes the pipeline while the other ranks wait at a barrier.
 
     Args:
         folder (str, optional): Output folder (``{run_name}`` is formatted). Default: ``<run folder>/export``
@@ -49,20 +85,24 @@ class ExportPipeline(Callback):
 
     def fit_end(self, state: State, logger: Logger) -> None:
         from senseflow_algos.export import export_pipeline
+        from senseflow_algos.restore import StudentParts
 
-        if state.fsdp_enabled:
-            log.warning('callbacks.export_pipeline: the generator is sharded by FSDP; skipping the export. Export the '
-                        'final checkpoint with: python export.py <save_folder> <out> --config <run yaml>')
-            return
         model = get_dmd_model(state, 'callbacks.export_pipeline')
         if model.conditioner is None or getattr(model.vae, 'encoder', True) is None:
             raise RuntimeError('callbacks.export_pipeline needs the text encoders and the full VAE, but this model was '
                                'built without them (model.text_encoders / model.vae_encoder = false); export the '
                                'checkpoint with python export.py ... model.text_encoders=true model.vae_encoder=true')
+        source = f'run {state.run_name} at batch {int(state.timestamp.batch)}'
+        student = model
+        if state.fsdp_enabled:
+            generator = gather_generator(model.generator)  # every rank takes part; rank 0 receives
+            if generator is not None:
+                student = StudentParts(model.family, generator, model.vae, model.conditioner, model.sigmas,
+                                       tuple(model.latent_shape), model.scheduler_config, model.resolution, source)
         if dist.get_global_rank() == 0:
             folder = (Path(format_name_with_dist(self.folder, state.run_name)) if self.folder is not None else
                       run_folder(state) / 'export')
-            self.exported = export_pipeline(model, folder, method=self.method, dtype=self.dtype, bare=self.bare,
-                                            source=f'run {state.run_name} at batch {int(state.timestamp.batch)}')
+            self.exported = export_pipeline(student, folder, method=self.method, dtype=self.dtype, bare=self.bare,
+                                            source=source)
             log.info('exported the student to %s', self.exported)
         dist.barrier()

@@ -148,13 +148,16 @@ def _is_pipeline_folder(path: Path) -> bool:
 
 def check_source_path(path: str | Path) -> None:
     """Fail early, naming ``path``, unless it is a pipeline folder, a run folder with checkpoints or a checkpoint."""
+    if '://' in str(path):
+        return  # an object-store checkpoint: senseflow_algos.restore names what is missing
     path = Path(path)
     if not path.exists():
         raise EvalError(f'{path} does not exist')
     if path.is_dir():
-        if not _is_pipeline_folder(path) and not (path / 'latest-rank0.pt').exists() and not list(path.glob('*.pt')):
+        if (not _is_pipeline_folder(path) and not os.path.lexists(path / 'latest-rank0.pt') and
+                not list(path.glob('*.pt')) and not (path / '.metadata').exists() and not list(path.glob('*/.metadata'))):
             raise EvalError(f'{path} is neither a diffusers pipeline folder (no model_index.json) nor a run folder '
-                            'with checkpoints')
+                            'with checkpoints nor a sharded checkpoint')
     elif path.suffix not in ('.pt', '.safetensors'):
         raise EvalError(f'{path} is not a checkpoint (.pt or .safetensors) nor a folder')
 
@@ -182,21 +185,18 @@ def open_source(path: str | Path, name: str, *, method: Optional[str] = None, co
     Raises:
         EvalError: If ``path`` is neither.
     """
-    from senseflow_algos.export import (
-        EXPORT_INFO,
-        ExportError,
-        load_export_info,
-        load_model_from_checkpoint,
-        sampling_components_from_pipeline,
-    )
+    from senseflow_algos.checkpointing import CheckpointError
+    from senseflow_algos.export import EXPORT_INFO, load_export_info, sampling_components_from_pipeline
+    from senseflow_algos.restore import restore_student
 
-    path = Path(path)
     check_source_path(path)
+    uri = '://' in str(path)
+    path = str(path) if uri else Path(path)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if dtype is not None and dtype not in DTYPES:
         raise EvalError(f'dtype={dtype!r} is not one of {sorted(DTYPES)}')
     torch_dtype = DTYPES[dtype or ('bf16' if device.type == 'cuda' else 'fp32')]
-    if _is_pipeline_folder(path):
+    if not uri and _is_pipeline_folder(path):
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype).to(device)
@@ -207,15 +207,15 @@ def open_source(path: str | Path, name: str, *, method: Optional[str] = None, co
                                  {'kind': 'senseflow-export', 'path': str(path.resolve())})
         return PipelineSource(name, pipe, call_kwargs or {}, str(path.resolve()))
     try:
-        model = load_model_from_checkpoint(path, config, overrides)
-    except ExportError as e:
+        student = restore_student(path, config, overrides)  # the generator alone, with the VAE and text encoders
+    except CheckpointError as e:
         raise EvalError(str(e)) from None
-    parts = SamplingComponents.from_model(model)
-    del model
+    parts = SamplingComponents.from_model(student)
+    del student
     for module in (parts.net, parts.vae, parts.conditioner):
         module.to(device)
     return SamplerSource(name, parts, method or 'renoise',
-                         {'kind': 'checkpoint', 'path': str(path.resolve()), 'config': str(config)})
+                         {'kind': 'checkpoint', 'path': path if uri else str(path.resolve()), 'config': str(config)})
 
 
 def _check_meta(folder: Path, meta: dict[str, Any]) -> None:

@@ -61,7 +61,8 @@ def _is_senseflow(path: Path) -> bool:
 
 def _student_resolution(path: Path, config: Optional[str], overrides: Sequence[str]) -> Optional[int]:
     from senseflow_algos.config import load_config
-    from senseflow_algos.export import EXPORT_INFO, find_run_config, resolve_checkpoint
+    from senseflow_algos.export import EXPORT_INFO
+    from senseflow_algos.restore import find_run_config, resolve_checkpoint
 
     if (path / EXPORT_INFO).is_file():
         return int(json.loads((path / EXPORT_INFO).read_text())['resolution'])

@@ -59,6 +59,10 @@ class HostMemory:
     lean_applies: bool
     offload_training_per_node: int = 0
     notes: list[str] = field(default_factory=list)
+    #: ``python export.py``, one process: the generator, VAE and text encoders (senseflow_algos.restore).
+    export: int = 0
+    #: The same export when it rebuilt the whole model (teacher, generator, fake score, VAE, text encoders).
+    export_whole_model: int = 0
 
 
 def checkpointed_networks(settings: RunSettings, meta: MetaModel) -> list[str]:
@@ -183,4 +187,9 @@ def host_memory(meta: MetaModel, settings: RunSettings, sharding: Optional[Shard
     host = HostMemory(lean_node0=transformers + per_node * replicated, lean_other_nodes=per_node * replicated,
                       old_per_node=per_node * (transformers + replicated), per_rank_replicated=replicated,
                       transformers=transformers, lean_applies=lean, notes=notes)
+    encoders = sum(n.param_bytes() + n.buffer_bytes() for n in meta.networks
+                   if n.name == 'vae' or n.name.startswith('conditioner.'))
+    generator = meta.network('generator').param_bytes() + meta.network('generator').buffer_bytes()
+    host.export = generator + encoders
+    host.export_whole_model = transformers + encoders
     return host

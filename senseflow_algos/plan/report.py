@@ -82,6 +82,9 @@ def format_plan(plan: Plan, source: str = 'config', overrides: tuple[str, ...] =
               f'{"" if host.lean_applies else "   <- this run"}',
               f'  per rank, loaded by every rank (VAE, text encoders, VFM backbone and heads): '
               f'{gib(host.per_rank_replicated)}']
+    if host.export:
+        lines.append(f'  export (python export.py, one process): generator + VAE + text encoders {gib(host.export)} '
+                     f'(rebuilding the whole model: {gib(host.export_whole_model)})')
     if host.offload_training_per_node:
         lines.append(f'  CPU offload while training: {gib(host.offload_training_per_node)} per node (sharded '
                      'parameters, gradients, Adam state; pinned)')

@@ -45,6 +45,10 @@ def test_unsharded_weights_and_adam_state_equal_the_real_modules():
     trainable = sum(p.numel() * p.element_size() for m in (real.generator, real.fake_score, heads)
                     for p in m.parameters() if p.requires_grad)
     assert plan.gpu.optimizer == 2 * trainable
+    # An export (senseflow_algos.restore) holds the generator, VAE and text encoders; it used to rebuild the model.
+    encoders = _bytes(real.vae) + _bytes(real.conditioner)
+    assert plan.host.export == _bytes(real.generator) + encoders
+    assert plan.host.export_whole_model == _bytes(real.teacher) + 2 * _bytes(real.generator) + encoders
 
 
 def test_cli_prints_the_plan(capsys):
