@@ -9,8 +9,6 @@ uploads a training run's checkpoints there, ``save_run_config`` its run config, 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,34 +16,12 @@ import torch
 
 from senseflow_algos.export import BARE_WEIGHTS, main, pipeline_call_kwargs
 from senseflow_algos.sampling import seeded_default_generator
+from tests.distributed.conftest import BATCHES
 
 REPO = Path(__file__).resolve().parents[2]
-ENTRY = {'2': 'tests/distributed/fsdp2_offload_probe.py', '1': 'tests/distributed/fsdp1_cpu_train.py'}
-FSDP = 'state_dict_type: sharded, sharding_strategy: FULL_SHARD, use_orig_params: true'
 PROMPTS = ['a red circle above a blue square', 'a small green star']
 ATOL = 1e-6  # measured: 0 (the same weights, the same code)
-
-
-def _train(folder: Path, version: str) -> None:
-    env = {**os.environ, 'FSDP_VERSION': version, 'OMP_NUM_THREADS': '1'}
-    cmd = [sys.executable, '-m', 'composer.cli.launcher', '-n', '2', ENTRY[version], 'yamls/tiny_flux.yaml',
-           'trainer.max_duration=2ba', 'model.gen_every=2', 'trainer.progress_bar=false', 'trainer.save_interval=1ba',
-           'algorithms.vfm_discriminator=null', f'trainer.save_folder={folder}',
-           f'trainer.parallelism_config={{fsdp: {{{FSDP}}}}}', 'callbacks.export_pipeline={}']
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-
-
-@pytest.fixture(scope='module')
-def sharded_run(request, tmp_path_factory):
-    runs = {}
-
-    def run(version: str) -> Path:
-        if version not in runs:
-            runs[version] = tmp_path_factory.mktemp(f'export-fsdp{version}') / 'run'
-            _train(runs[version], version)
-        return runs[version]
-    return run
+LAST = f'ep0-ba{BATCHES}'  # the shared run's final checkpoint
 
 
 def _images(folder: Path) -> torch.Tensor:
@@ -73,13 +49,13 @@ def _unsharded_generator(sharded: Path, out: Path) -> dict:
 
 def _check_sharded_export(version: str, run: Path, tmp_path: Path) -> None:
     # The run folder holds what Composer wrote: sharded folders, latest-rank0.pt -> the newest, the run config.
-    assert os.readlink(run / 'latest-rank0.pt') == 'ep0-ba2'
-    assert (run / 'ep0-ba2' / '.metadata').is_file() and len(list((run / 'ep0-ba2').glob('*.distcp'))) == 2
+    assert os.readlink(run / 'latest-rank0.pt') == LAST
+    assert (run / LAST / '.metadata').is_file() and len(list((run / LAST).glob('*.distcp'))) == 2
     assert (run / 'run_config.yaml').is_file()
     assert main([str(run), str(tmp_path / 'sharded')]) == 0
-    flat = tmp_path / 'unsharded' / 'ep0-ba2-rank0.pt'
+    flat = tmp_path / 'unsharded' / f'{LAST}-rank0.pt'
     flat.parent.mkdir()
-    weights = _unsharded_generator(run / 'ep0-ba2', flat)
+    weights = _unsharded_generator(run / LAST, flat)
     assert main([str(flat), str(tmp_path / 'from_unsharded'), '--config', str(run / 'run_config.yaml')]) == 0
     bare = _bare(tmp_path / 'sharded')
     assert bare.keys() == weights.keys()
@@ -101,13 +77,12 @@ def _check_sharded_export(version: str, run: Path, tmp_path: Path) -> None:
     assert diff <= ATOL
 
 
-def test_fsdp2_sharded_checkpoint_exports_like_unsharded(sharded_run, tmp_path):
-    _check_sharded_export('2', sharded_run('2'), tmp_path)
+def test_fsdp2_sharded_checkpoint_exports_like_unsharded(straight, tmp_path):
+    _check_sharded_export('2', straight('2'), tmp_path)
 
 
-@pytest.mark.slow  # the pair takes over 100 s on 2 shared cores; FSDP2 runs by default
-def test_fsdp1_sharded_checkpoint_exports_like_unsharded(sharded_run, tmp_path):
-    _check_sharded_export('1', sharded_run('1'), tmp_path)
+def test_fsdp1_sharded_checkpoint_exports_like_unsharded(straight, tmp_path):
+    _check_sharded_export('1', straight('1'), tmp_path)
 
 
 @pytest.fixture()
@@ -127,7 +102,7 @@ def s3(monkeypatch):
     server.stop()
 
 
-def test_export_from_an_object_store_end_to_end(s3, sharded_run, tmp_path):
+def test_export_from_an_object_store_end_to_end(s3, straight, tmp_path):
     from composer.utils import create_symlink_file, maybe_create_object_store_from_uri
 
     from senseflow_algos.builders import build_trainer
@@ -150,14 +125,14 @@ def test_export_from_an_object_store_end_to_end(s3, sharded_run, tmp_path):
     print(f'object store (unsharded): max |export - trained model| = {diff:.3g}')
     assert diff <= 1e-5  # the pipeline's FLUX timestep path differs from the in-repo sampler by float rounding
     # Sharded: the FSDP2 run folder laid out in the bucket as Composer uploads it (shards, .metadata, the latest link).
-    run = sharded_run('2')
+    run = straight('2')
     store = maybe_create_object_store_from_uri('s3://senseflow/fsdp2')
-    for path in [run / 'run_config.yaml', *sorted((run / 'ep0-ba2').iterdir())]:
+    for path in [run / 'run_config.yaml', *sorted((run / LAST).iterdir())]:
         store.upload_object(str(Path('fsdp2') / path.relative_to(run)), str(path))
-    create_symlink_file('fsdp2/ep0-ba2', str(tmp_path / 'latest.symlink'))
+    create_symlink_file(f'fsdp2/{LAST}', str(tmp_path / 'latest.symlink'))
     store.upload_object('fsdp2/latest-rank0.pt.symlink', str(tmp_path / 'latest.symlink'))
     student = restore_student('s3://senseflow/fsdp2', cache=tmp_path / 'cache')
-    assert (tmp_path / 'cache' / 'ep0-ba2' / '.metadata').is_file()
+    assert (tmp_path / 'cache' / LAST / '.metadata').is_file()
     local = restore_student(run)
     assert all(torch.equal(a, b) for a, b in zip(student.generator.state_dict().values(),
                                                   local.generator.state_dict().values()))

@@ -8,9 +8,6 @@ state after every step."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,23 +16,11 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from senseflow_algos.builders import build_model
 from senseflow_algos.config import load_config
+from tests.distributed.conftest import FSDP
+from tests.distributed.conftest import train_fsdp as _train
 
 REPO = Path(__file__).resolve().parents[2]
 FROZEN = ('teacher.', 'vae.', 'conditioner.', 'vfm_backbone.')
-# As yamls/flux.yaml sets it (FSDP2 ignores the FSDP1-only keys with a warning).
-FSDP = ('state_dict_type: sharded, sharding_strategy: FULL_SHARD, use_orig_params: true, '
-        'activation_checkpointing: true, activation_checkpointing_reentrant: false')
-ENTRY = {'2': 'tests/distributed/fsdp2_offload_probe.py', '1': 'tests/distributed/fsdp1_cpu_train.py'}
-
-
-def _train(folder: Path, *overrides: str, version: str = '2', fsdp: str = FSDP) -> str:
-    env = {**os.environ, 'FSDP_VERSION': version, 'OMP_NUM_THREADS': '1'}
-    cmd = [sys.executable, '-m', 'composer.cli.launcher', '-n', '2', ENTRY[version], 'yamls/tiny_flux.yaml',
-           'trainer.max_duration=3ba', 'model.gen_every=2', 'trainer.progress_bar=false', 'trainer.save_interval=1ba',
-           f'trainer.save_folder={folder}', f'trainer.parallelism_config={{fsdp: {{{fsdp}}}}}', *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc.stdout
 
 
 def _model_state(sharded_dir: Path, tmp: Path) -> dict:
@@ -47,20 +32,6 @@ def _model_state(sharded_dir: Path, tmp: Path) -> dict:
 def _offload_reports(stdout: str) -> list[dict]:
     """Rank 0's per-batch ``OFFLOAD_REPORT`` lines of fsdp2_offload_probe.py."""
     return [json.loads(line.split(' ', 1)[1]) for line in stdout.splitlines() if line.startswith('OFFLOAD_REPORT ')]
-
-
-@pytest.fixture(scope='module')
-def straight(tmp_path_factory):
-    """Uninterrupted 3-batch runs per FSDP version, sharded checkpoints after every batch (each trained once)."""
-    runs, stdouts = {}, {}
-
-    def run(version: str) -> Path:
-        if version not in runs:
-            runs[version] = tmp_path_factory.mktemp(f'fsdp{version}') / 'straight'
-            stdouts[version] = _train(runs[version], version=version)
-        return runs[version]
-    run.stdout = stdouts
-    return run
 
 
 # The FSDP2 resume in `make test-slow` (its straight run stays in CI, for the offload test).
