@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import torch
 from torch import nn
 
+from senseflow_algos import flow
 from senseflow_algos.sampling import METHODS, SamplingComponents
 
 if TYPE_CHECKING:
@@ -109,11 +109,11 @@ def student_scheduler_config(family, base_config: dict[str, Any], method: str = 
 
 
 def _flux_mu(scheduler_config: dict[str, Any], latent_shape: Sequence[int]) -> float:
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
+    """:func:`flow.flux_mu` with the scheduler config's shift parameters (FluxPipeline's ``calculate_shift``)."""
     tokens = (latent_shape[1] // 2) * (latent_shape[2] // 2)
-    return float(calculate_shift(tokens, scheduler_config['base_image_seq_len'], scheduler_config['max_image_seq_len'],
-                                 scheduler_config['base_shift'], scheduler_config['max_shift']))
+    return float(flow.flux_mu(tokens, base_seq_len=scheduler_config['base_image_seq_len'],
+                              max_seq_len=scheduler_config['max_image_seq_len'],
+                              base_shift=scheduler_config['base_shift'], max_shift=scheduler_config['max_shift']))
 
 
 def pipeline_sigmas(scheduler_config: dict[str, Any], sigmas: torch.Tensor,
@@ -133,15 +133,14 @@ def pipeline_sigmas(scheduler_config: dict[str, Any], sigmas: torch.Tensor,
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    anchors = [float(s) for s in sigmas[:-1]]
+    anchors = torch.as_tensor([float(s) for s in sigmas[:-1]], dtype=torch.float64)
     mu = None
     if scheduler_config['use_dynamic_shifting']:
         mu = _flux_mu(scheduler_config, latent_shape)
-        pre = [1.0 / (1.0 + math.exp(mu) * (1.0 / s - 1.0)) for s in anchors]
+        pre = flow.flux_time_unshift(anchors, mu)
     else:
-        k = float(scheduler_config['shift'])
-        pre = [s / (k - (k - 1.0) * s) for s in anchors]
-    pre = [round(p, 6) for p in pre]
+        pre = flow.unshift_sigma(anchors, float(scheduler_config['shift']))
+    pre = [round(float(p), 6) for p in pre]
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(sigmas=pre, **({'mu': mu} if mu is not None else {}))
     got = scheduler.sigmas.double()
@@ -234,8 +233,10 @@ def export_pipeline(model: 'DMDModel', out: str | Path, method: str = 'renoise',
         'family': family.name,
         'pipeline_class': PIPELINE_CLASSES[family.name],
         'sampler': method,
+        'num_steps': steps,
         'anchors': [float(s) for s in model.sigmas[:-1]],
         'sigmas': [float(s) for s in model.sigmas],
+        'pipeline_sigmas': pre_sigmas,
         'mu': mu,
         'resolution': int(model.resolution),
         'latent_shape': [int(d) for d in model.latent_shape],

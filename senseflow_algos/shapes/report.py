@@ -101,7 +101,7 @@ class TeacherSampler:
 
 @torch.no_grad()
 def student_images(model, prompts: Sequence[str], seed: int = 0, method: str = 'renoise') -> torch.Tensor:
-    """The DMD model's generator in its 4 anchor steps (``senseflow_algos.sampling.sample``), in [-1, 1]."""
+    """The DMD model's generator in its anchor steps (``model.num_steps``, default 4) (``senseflow_algos.sampling.sample``), in [-1, 1]."""
     from senseflow_algos.sampling import SamplingComponents, sample
 
     parts = SamplingComponents.from_model(model)
@@ -179,7 +179,7 @@ def teacher_table(sampler: TeacherSampler, evaluator: ShapesEvaluator, n: int = 
 def distillation_report(model, evaluator: Optional[ShapesEvaluator] = None, n: int = 256, seed: int = 0,
                         guidance: float = C.DEFAULT_GUIDANCE, full_steps: int = C.DEFAULT_STEPS,
                         cache: Optional[Path] = None) -> dict:
-    """Teacher full-step, teacher 4-step Euler and student 4-step on the prompt suite.
+    """Teacher full-step, teacher n-step Euler and student n-step on the prompt suite (n = the student's steps).
 
     The teacher's full-step images for FD-T come from noise seed ``seed``; every row (the teacher's full-step row
     included, giving the noise floor) is drawn with seed ``seed + 1``.
@@ -192,20 +192,21 @@ def distillation_report(model, evaluator: Optional[ShapesEvaluator] = None, n: i
                                    teacher_cache_path(cache, teacher_key, full_steps, guidance, n, seed))
     full, full_spi = cached_teacher_images(sampler, prompts, full_steps, guidance, seed + 1,
                                            teacher_cache_path(cache, teacher_key, full_steps, guidance, n, seed + 1))
-    four, four_dt = _timed(lambda: sampler.generate(prompts, 4, guidance, seed + 1))
+    k = int(model.num_anchors)
+    four, four_dt = _timed(lambda: sampler.generate(prompts, k, guidance, seed + 1))
     student, student_dt = _timed(lambda: student_images(model, prompts, seed + 1))
     rows = {}
     for name, images, spi, steps in ((f'teacher {full_steps}-step Euler', full, full_spi, full_steps),
-                                     ('teacher 4-step Euler', four, four_dt / n, 4),
-                                     ('student 4-step', student, student_dt / n, 4)):
+                                     (f'teacher {k}-step Euler', four, four_dt / n, k),
+                                     (f'student {k}-step', student, student_dt / n, k)):
         row = evaluate_images(evaluator, images, prompts, ref, real)
         row.update(steps=steps, sec_per_image=spi)
         rows[name] = row
     return {'n': n, 'guidance': guidance, 'rows': rows, 'renderer': evaluate_images(evaluator, real, prompts),
             'images': {'prompts': prompts[:4] + prompts[n // 2:n // 2 + 4],
-                       'columns': {k: torch.cat([v[:4], v[n // 2:n // 2 + 4]])
-                                   for k, v in (('teacher full', full), ('teacher 4', four), ('student 4', student),
-                                                ('renderer', real))}}}
+                       'columns': {col: torch.cat([v[:4], v[n // 2:n // 2 + 4]])
+                                   for col, v in (('teacher full', full), (f'teacher {k}', four),
+                                                (f'student {k}', student), ('renderer', real))}}}
 
 
 def format_table(report: dict) -> str:
