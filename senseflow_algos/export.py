@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from senseflow_algos import flow
+from senseflow_algos.export_lora import fused_copy, has_lora, write_lora_export
 from senseflow_algos.sampling import METHODS, SamplingComponents
 
 if TYPE_CHECKING:
@@ -193,6 +194,9 @@ def export_pipeline(model: 'DMDModel', out: str | Path, method: str = 'renoise',
         method (str): The sampler the scheduler reproduces: ``'renoise'`` (default) or ``'euler'``.
         dtype (str, optional): ``fp32``, ``bf16`` or ``fp16`` for the saved transformer. Default: as trained. The
             live model is never changed (a copy is cast).
+
+    A ``model.lora`` generator is exported with its adapters merged into a copy of the base, and as a diffusers LoRA
+    file in ``<out>/lora`` for the teacher's own pipeline (:mod:`senseflow_algos.export_lora`).
         bare (bool): Also write ``generator.safetensors``. Default: ``True``.
         source (str, optional): Where the weights came from (recorded in ``senseflow_export.json``).
 
@@ -213,12 +217,15 @@ def export_pipeline(model: 'DMDModel', out: str | Path, method: str = 'renoise',
     sched_cfg = student_scheduler_config(family, model.scheduler_config, method)
     pre_sigmas, mu = pipeline_sigmas(sched_cfg, model.sigmas, model.latent_shape)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(sched_cfg)
-    net = model.generator
-    if dtype is not None and next(net.parameters()).dtype != _DTYPES[dtype]:
+    net = lora_net = model.generator
+    if has_lora(lora_net):  # a model.lora student: the pipeline gets a fused copy, <out>/lora the adapter
+        net = fused_copy(lora_net, _DTYPES[dtype] if dtype is not None else None)
+    elif dtype is not None and next(net.parameters()).dtype != _DTYPES[dtype]:
         net = copy.deepcopy(net).to(_DTYPES[dtype])
     pipe = build_pipeline(family.name, net, model.vae, model.conditioner, scheduler)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
+    lora = write_lora_export(model, lora_net, type(pipe), scheduler, out) if has_lora(lora_net) else None
     if bare:
         from safetensors.torch import save_file
 
@@ -242,6 +249,7 @@ def export_pipeline(model: 'DMDModel', out: str | Path, method: str = 'renoise',
         'latent_shape': [int(d) for d in model.latent_shape],
         'call_kwargs': call,
         'bare_weights': BARE_WEIGHTS if bare else None,
+        'lora': lora,
         'source': source,
         'notes': ('Re-noise noise comes from the global RNG of the device (the scheduler step is called without a '
                   'generator): pass senseflow_algos.sampling.seeded_default_generator(seed) as generator= to match '
