@@ -116,12 +116,13 @@ def base_transformer_overrides(family_name: str) -> dict[str, Any]:
     return {'guidance_embeds': False} if family_name == 'flux' else {}
 
 
-def lora_info(family_name: str, net: nn.Module, teacher: nn.Module, folder: str | Path,
+def lora_info(family_name: str, net: nn.Module, teacher: Optional[nn.Module], folder: str | Path,
               scheduler_config: dict[str, Any]) -> dict[str, Any]:
     """The ``lora`` section of ``senseflow_export.json``: where the file is and how to load it."""
     cfg = net.peft_config[ADAPTER]
     overrides = base_transformer_overrides(family_name)
-    base = getattr(teacher.config, '_name_or_path', None) or None
+    base = next((getattr(m.config, '_name_or_path', None) for m in (teacher, net)
+                 if m is not None and getattr(m.config, '_name_or_path', None)), None)
     load = ("transformer = FluxTransformer2DModel.from_pretrained(BASE, subfolder='transformer', "
             "guidance_embeds=False); pipe = FluxPipeline.from_pretrained(BASE, transformer=transformer)"
             if family_name == 'flux' else 'pipe = StableDiffusion3Pipeline.from_pretrained(BASE)')
@@ -144,7 +145,7 @@ def write_lora_export(model, net: nn.Module, pipeline_class: type, scheduler, ou
     """Write ``<out>/lora`` for the LoRA generator ``net`` of ``model``; returns the json's ``lora`` section."""
     folder = out / LORA_FOLDER
     save_lora(pipeline_class, net, scheduler, folder)
-    return lora_info(model.family.name, net, model.teacher, folder,
+    return lora_info(model.family.name, net, getattr(model, 'teacher', None), folder,
                      {k: v for k, v in dict(scheduler.config).items() if not k.startswith('_')})
 
 
