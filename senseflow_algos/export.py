@@ -3,14 +3,16 @@
 The folder holds a ``FluxPipeline`` or ``StableDiffusion3Pipeline`` (the teacher's VAE, text encoders and
 tokenizers, the student as ``transformer``), a ``FlowMatchEulerDiscreteScheduler`` configured for the sampler, a bare
 ``generator.safetensors`` of the student's weights and ``senseflow_export.json`` (anchors, sampler and the exact
-call arguments that reproduce :func:`senseflow_algos.sampling.sample`).
+call arguments that reproduce :func:`senseflow_algos.sampling.sample`). A ``model.lora`` student also gets
+``lora/``, a diffusers LoRA file for the teacher's own pipeline (:mod:`senseflow_algos.export_lora`).
 
 How the scheduler reproduces the samplers (checked in diffusers 0.39's ``scheduling_flow_match_euler_discrete.py``):
 ``step()`` with ``stochastic_sampling=True`` computes ``x0 = x - s v`` and ``(1 - s_next) x0 + s_next * randn``,
 which is :func:`senseflow_algos.flow.renoise_step`; with ``stochastic_sampling=False`` it is the Euler step
-``x + (s_next - s) v``. The 4 sigmas come from ``set_timesteps``: the pipeline's pre-shift sigmas go through the
-scheduler's shift (SD 3.5: static ``shift``; FLUX: ``mu`` from the image size, so at the training resolution
-FluxPipeline's default ``linspace(1, 1/4, 4)`` gives the training anchors). SD 3.5 pipelines have no such default:
+``x + (s_next - s) v``. The ``model.num_steps`` sigmas (4 by default) come from ``set_timesteps``: the pipeline's
+pre-shift sigmas (the inverse shifts of :mod:`senseflow_algos.flow`) go through the scheduler's shift (SD 3.5: static
+``shift``; FLUX: ``mu`` from the image size, so at the training resolution FluxPipeline's default
+``linspace(1, 1/n, n)`` gives the training anchors). SD 3.5 pipelines have no such default:
 pass ``sigmas=`` (written to ``senseflow_export.json``) and ``guidance_scale=1`` (no CFG).
 
 Randomness: the pipeline draws its initial noise from ``generator`` but the scheduler's re-noise noise from the
