@@ -3,14 +3,16 @@
 The folder holds a ``FluxPipeline`` or ``StableDiffusion3Pipeline`` (the teacher's VAE, text encoders and
 tokenizers, the student as ``transformer``), a ``FlowMatchEulerDiscreteScheduler`` configured for the sampler, a bare
 ``generator.safetensors`` of the student's weights and ``senseflow_export.json`` (anchors, sampler and the exact
-call arguments that reproduce :func:`senseflow_algos.sampling.sample`).
+call arguments that reproduce :func:`senseflow_algos.sampling.sample`). A ``model.lora`` student also gets
+``lora/``, a diffusers LoRA file for the teacher's own pipeline (:mod:`senseflow_algos.export_lora`).
 
 How the scheduler reproduces the samplers (checked in diffusers 0.39's ``scheduling_flow_match_euler_discrete.py``):
 ``step()`` with ``stochastic_sampling=True`` computes ``x0 = x - s v`` and ``(1 - s_next) x0 + s_next * randn``,
 which is :func:`senseflow_algos.flow.renoise_step`; with ``stochastic_sampling=False`` it is the Euler step
-``x + (s_next - s) v``. The 4 sigmas come from ``set_timesteps``: the pipeline's pre-shift sigmas go through the
-scheduler's shift (SD 3.5: static ``shift``; FLUX: ``mu`` from the image size, so at the training resolution
-FluxPipeline's default ``linspace(1, 1/4, 4)`` gives the training anchors). SD 3.5 pipelines have no such default:
+``x + (s_next - s) v``. The ``model.num_steps`` sigmas (4 by default) come from ``set_timesteps``: the pipeline's
+pre-shift sigmas (the inverse shifts of :mod:`senseflow_algos.flow`) go through the scheduler's shift (SD 3.5: static
+``shift``; FLUX: ``mu`` from the image size, so at the training resolution FluxPipeline's default
+``linspace(1, 1/n, n)`` gives the training anchors). SD 3.5 pipelines have no such default:
 pass ``sigmas=`` (written to ``senseflow_export.json``) and ``guidance_scale=1`` (no CFG).
 
 Randomness: the pipeline draws its initial noise from ``generator`` but the scheduler's re-noise noise from the
@@ -27,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -35,6 +36,8 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import torch
 from torch import nn
 
+from senseflow_algos import flow
+from senseflow_algos.export_lora import fused_copy, has_lora, write_lora_export
 from senseflow_algos.sampling import METHODS, SamplingComponents
 
 if TYPE_CHECKING:
@@ -104,11 +107,11 @@ def student_scheduler_config(family, base_config: dict[str, Any], method: str = 
 
 
 def _flux_mu(scheduler_config: dict[str, Any], latent_shape: Sequence[int]) -> float:
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
+    """:func:`flow.flux_mu` with the scheduler config's shift parameters (FluxPipeline's ``calculate_shift``)."""
     tokens = (latent_shape[1] // 2) * (latent_shape[2] // 2)
-    return float(calculate_shift(tokens, scheduler_config['base_image_seq_len'], scheduler_config['max_image_seq_len'],
-                                 scheduler_config['base_shift'], scheduler_config['max_shift']))
+    return float(flow.flux_mu(tokens, base_seq_len=scheduler_config['base_image_seq_len'],
+                              max_seq_len=scheduler_config['max_image_seq_len'],
+                              base_shift=scheduler_config['base_shift'], max_shift=scheduler_config['max_shift']))
 
 
 def pipeline_sigmas(scheduler_config: dict[str, Any], sigmas: torch.Tensor,
@@ -128,15 +131,14 @@ def pipeline_sigmas(scheduler_config: dict[str, Any], sigmas: torch.Tensor,
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    anchors = [float(s) for s in sigmas[:-1]]
+    anchors = torch.as_tensor([float(s) for s in sigmas[:-1]], dtype=torch.float64)
     mu = None
     if scheduler_config['use_dynamic_shifting']:
         mu = _flux_mu(scheduler_config, latent_shape)
-        pre = [1.0 / (1.0 + math.exp(mu) * (1.0 / s - 1.0)) for s in anchors]
+        pre = flow.flux_time_unshift(anchors, mu)
     else:
-        k = float(scheduler_config['shift'])
-        pre = [s / (k - (k - 1.0) * s) for s in anchors]
-    pre = [round(p, 6) for p in pre]
+        pre = flow.unshift_sigma(anchors, float(scheduler_config['shift']))
+    pre = [round(float(p), 6) for p in pre]
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(sigmas=pre, **({'mu': mu} if mu is not None else {}))
     got = scheduler.sigmas.double()
@@ -189,6 +191,9 @@ def export_pipeline(model: 'DMDModel', out: str | Path, method: str = 'renoise',
         method (str): The sampler the scheduler reproduces: ``'renoise'`` (default) or ``'euler'``.
         dtype (str, optional): ``fp32``, ``bf16`` or ``fp16`` for the saved transformer. Default: as trained. The
             live model is never changed (a copy is cast).
+
+    A ``model.lora`` generator is exported with its adapters merged into a copy of the base, and as a diffusers LoRA
+    file in ``<out>/lora`` for the teacher's own pipeline (:mod:`senseflow_algos.export_lora`).
         bare (bool): Also write ``generator.safetensors``. Default: ``True``.
         source (str, optional): Where the weights came from (recorded in ``senseflow_export.json``).
 
@@ -209,12 +214,15 @@ def export_pipeline(model: 'DMDModel', out: str | Path, method: str = 'renoise',
     sched_cfg = student_scheduler_config(family, model.scheduler_config, method)
     pre_sigmas, mu = pipeline_sigmas(sched_cfg, model.sigmas, model.latent_shape)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(sched_cfg)
-    net = model.generator
-    if dtype is not None and next(net.parameters()).dtype != _DTYPES[dtype]:
+    net = lora_net = model.generator
+    if has_lora(lora_net):  # a model.lora student: the pipeline gets a fused copy, <out>/lora the adapter
+        net = fused_copy(lora_net, _DTYPES[dtype] if dtype is not None else None)
+    elif dtype is not None and next(net.parameters()).dtype != _DTYPES[dtype]:
         net = copy.deepcopy(net).to(_DTYPES[dtype])
     pipe = build_pipeline(family.name, net, model.vae, model.conditioner, scheduler)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
+    lora = write_lora_export(model, lora_net, type(pipe), scheduler, out) if has_lora(lora_net) else None
     if bare:
         from safetensors.torch import save_file
 
@@ -229,13 +237,16 @@ def export_pipeline(model: 'DMDModel', out: str | Path, method: str = 'renoise',
         'family': family.name,
         'pipeline_class': PIPELINE_CLASSES[family.name],
         'sampler': method,
+        'num_steps': steps,
         'anchors': [float(s) for s in model.sigmas[:-1]],
         'sigmas': [float(s) for s in model.sigmas],
+        'pipeline_sigmas': pre_sigmas,
         'mu': mu,
         'resolution': int(model.resolution),
         'latent_shape': [int(d) for d in model.latent_shape],
         'call_kwargs': call,
         'bare_weights': BARE_WEIGHTS if bare else None,
+        'lora': lora,
         'source': source,
         'notes': ('Re-noise noise comes from the global RNG of the device (the scheduler step is called without a '
                   'generator): pass senseflow_algos.sampling.seeded_default_generator(seed) as generator= to match '

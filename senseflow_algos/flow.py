@@ -18,8 +18,11 @@ import torch
 
 __all__ = [
     'shift_sigma',
+    'unshift_sigma',
     'flux_mu',
     'flux_time_shift',
+    'flux_time_unshift',
+    'uniform_times',
     'sd3_index_to_sigma',
     'flux_index_to_sigma',
     'append_zero',
@@ -65,6 +68,20 @@ def shift_sigma(sigma: torch.Tensor | float, shift: float) -> torch.Tensor:
     return shift * s / (1 + (shift - 1) * s)
 
 
+def unshift_sigma(sigma: torch.Tensor | float, shift: float) -> torch.Tensor:
+    """Inverse of :func:`shift_sigma`: ``s / (shift - (shift - 1) * s)``.
+
+    Args:
+        sigma (Tensor | float): Shifted sigma(s) in [0, 1].
+        shift (float): The shift factor they were shifted with.
+
+    Returns:
+        Tensor: The pre-shift sigma(s), float64.
+    """
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    return s / (shift - (shift - 1) * s)
+
+
 def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
             max_shift: float = 1.15) -> float:
     """FLUX's resolution-dependent shift exponent, linear in the number of packed image tokens.
@@ -80,6 +97,29 @@ def flux_time_shift(sigma: torch.Tensor | float, mu: float) -> torch.Tensor:
     s = torch.as_tensor(sigma, dtype=torch.float64)
     safe = s.clamp_min(1e-12)
     return torch.where(s > 0, math.exp(mu) / (math.exp(mu) + 1 / safe - 1), torch.zeros_like(s))
+
+
+def flux_time_unshift(sigma: torch.Tensor | float, mu: float) -> torch.Tensor:
+    """Inverse of :func:`flux_time_shift` at the same ``mu``: ``1 / (1 + e^mu (1/s - 1))`` (exactly 0 at s = 0)."""
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    safe = s.clamp_min(1e-12)
+    return torch.where(s > 0, 1 / (1 + math.exp(mu) * (1 / safe - 1)), torch.zeros_like(s))
+
+
+def uniform_times(num_steps: int) -> torch.Tensor:
+    """The pre-shift times of a ``num_steps``-step student: ``[1, (n-1)/n, ..., 1/n]`` (float64, descending).
+
+    A family's anchors are these through its time shift (4 steps: ``[1, .75, .5, .25]``, the reference's anchors
+    before the shift). They are also what FluxPipeline passes to ``set_timesteps`` by default
+    (``linspace(1, 1/n, n)``).
+
+    Raises:
+        ValueError: If ``num_steps < 1``.
+    """
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f'model.num_steps must be an integer >= 1, got {num_steps!r}')
+    n = int(num_steps)
+    return torch.arange(n, 0, -1, dtype=torch.float64) / n
 
 
 def sd3_index_to_sigma(index: torch.Tensor | int, shift: float = 3.0, num_train_timesteps: int = 1000) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Few-step sampling with a distilled generator on its training anchors (no classifier-free guidance).
 
-Two samplers, both on the DMD model's ``sigmas`` (the 4 anchors followed by 0):
+Two samplers, both on the DMD model's ``sigmas`` (its anchors, 4 unless ``model.num_steps`` says otherwise, followed by
+0):
 
 * ``'renoise'`` (the SenseFlow / DMD2 default): at each anchor predict ``x0 = x - s_k v`` and re-noise it to the next
   anchor with fresh noise, ``x = (1 - s_{k+1}) x0 + s_{k+1} eps'``; the last step lands on ``x0``.
@@ -103,18 +104,20 @@ class SamplingComponents:
 
     @classmethod
     def build(cls, family: ModelFamily, net: nn.Module, vae: nn.Module, conditioner: Optional[nn.Module],
-              resolution: int, anchors: Optional[Sequence[float]] = None) -> 'SamplingComponents':
+              resolution: int, anchors: Optional[Sequence[float]] = None,
+              num_steps: int = 4) -> 'SamplingComponents':
         """Components for a ``(family, generator, vae, conditioner)`` tuple at a square ``resolution``.
 
         Args:
             family, net, vae, conditioner: See the attributes.
             resolution (int): Image side; sets the latent shape and, for FLUX, the anchors' shift.
             anchors (Sequence[float], optional): The generator's anchors (without the final 0). Default: the family's
-                training anchors at this resolution.
+                training anchors at this resolution for ``num_steps`` steps.
+            num_steps (int): The student's steps (``model.num_steps``) when ``anchors`` is not given. Default: ``4``.
         """
         latent_shape = tuple(family.latent_shape(vae, resolution))
         if anchors is None:
-            anchors = family.anchors(latent_shape[1:])
+            anchors = family.anchors(latent_shape[1:], num_steps)
         return cls(family, net, vae, conditioner, flow.append_zero(anchors), latent_shape)
 
 
@@ -240,7 +243,7 @@ def _resolve(source: Union['DMDModel', SamplingComponents]) -> SamplingComponent
 def sample(source: Union['DMDModel', SamplingComponents], prompts: Optional[Sequence[str]] = None, *,
            cond: Optional[Conditioning] = None, generator: GeneratorLike = None, method: str = 'renoise',
            decode: bool = True, progress: bool = False) -> SampleOutput:
-    """Generate with the student in ``len(sigmas) - 1`` (4) steps, no classifier-free guidance.
+    """Generate with the student in ``len(sigmas) - 1`` steps (``model.num_steps``), no classifier-free guidance.
 
     Args:
         source: A :class:`~senseflow_algos.models.dmd.DMDModel` (its generator, VAE, conditioner and training

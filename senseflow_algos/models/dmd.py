@@ -65,11 +65,16 @@ class DMDModel(ComposerModel):
         dmd_guidance (tuple[float, float]): Teacher guidance for the DMD real score, drawn per sample from
             U(lo, hi): embedded guidance for FLUX (1, 8), CFG scale for SD 3.5 (Large 3..10, Medium 2..8).
         seed (int): Seed of the noise streams. Default: ``0``.
+        num_steps (int): Sampling steps of the student = number of anchors, the family's shift of
+            ``[1, (n-1)/n, ..., 1/n]``. Default: ``4`` (the paper's).
     """
 
     def __init__(self, family: ModelFamily, components: Components, resolution: int, gen_every: int = 5,
-                 backsim_prob: float = 0.5, dmd_guidance: Sequence[float] = (1.0, 8.0), seed: int = 0):
+                 backsim_prob: float = 0.5, dmd_guidance: Sequence[float] = (1.0, 8.0), seed: int = 0,
+                 num_steps: int = 4):
         super().__init__()
+        if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
+            raise ValueError(f'model.num_steps must be an integer >= 1, got {num_steps!r}')
         if gen_every < 1:
             raise ValueError(f'model.gen_every must be >= 1, got {gen_every}')
         if not 0.0 <= backsim_prob <= 1.0:
@@ -92,7 +97,7 @@ class DMDModel(ComposerModel):
         self.seed = seed
         self.latent_shape = family.latent_shape(self.vae, resolution)
         #: Generator sigmas (float64, CPU) followed by the end point 0.
-        self.sigmas = flow.append_zero(family.anchors(self.latent_shape[1:]))
+        self.sigmas = flow.append_zero(family.anchors(self.latent_shape[1:], int(num_steps)))
         self.num_anchors = len(self.sigmas) - 1
         # Batches trained so far: drives the TTUR cadence and seeds the noise; checkpointed with the model.
         self.register_buffer('ttur_step', torch.zeros((), dtype=torch.long))

@@ -20,7 +20,8 @@ def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = No
                     encoder_dtype: Optional[str] = None, gen_every: int = 5, backsim_prob: float = 0.5,
                     dmd_guidance: Sequence[float] = (1.0, 8.0), family_kwargs: Optional[dict[str, Any]] = None,
                     seed: int = 0, text_encoders: bool = True, vae_encoder: bool = True,
-                    lora: Optional[dict[str, Any]] = None, transformers_on_meta: bool = False) -> DMDModel:
+                    lora: Optional[dict[str, Any]] = None, transformers_on_meta: bool = False,
+                    num_steps: int = 4) -> DMDModel:
     """Build a DMD model for a teacher family.
 
     Args:
@@ -34,7 +35,8 @@ def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = No
         teacher_dtype (str, optional): Dtype of the frozen teacher. Default: same as ``dtype``.
         encoder_dtype (str, optional): Dtype of the frozen VAE and text encoders. Default: ``teacher_dtype`` if set,
             else ``dtype``.
-        gen_every, backsim_prob, dmd_guidance, seed: See :class:`DMDModel`.
+        gen_every, backsim_prob, dmd_guidance, seed, num_steps: See :class:`DMDModel` (``num_steps``: the student's
+            sampling steps, its anchors; default 4).
         family_kwargs (dict, optional): Extra arguments of the family class (e.g. SD 3.5's ``shift``).
         text_encoders (bool): Load the text encoders. ``False`` for training on precomputed embeddings
             (``dataset.kind: precomputed``): the model then has no conditioner. Default: ``True``.
@@ -63,7 +65,7 @@ def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = No
     if lora is not None:
         apply_lora(components.student, **lora)  # the fake score is copied from the student, adapters included
     return DMDModel(fam, components, resolution=resolution, gen_every=gen_every, backsim_prob=backsim_prob,
-                    dmd_guidance=dmd_guidance, seed=seed)
+                    dmd_guidance=dmd_guidance, seed=seed, num_steps=num_steps)
 
 
 def build_encoders(family: str, pretrained: Optional[str] = None, tiny: bool = False, revision: Optional[str] = None,

@@ -153,7 +153,7 @@ def _build_meta_model(settings: RunSettings) -> MetaModel:
         if settings.lora is not None:
             apply_lora(components.student, **settings.lora)
         model = DMDModel(family, components, resolution=settings.resolution, gen_every=settings.gen_every,
-                         backsim_prob=settings.backsim_prob, seed=settings.seed)
+                         backsim_prob=settings.backsim_prob, seed=settings.seed, num_steps=settings.num_steps)
         vfm = _attach_vfm(model, settings.vfm) if settings.vfm is not None else None
     prepare_for_fsdp(model, torch.device('meta'))
     networks = [Network(name, getattr(model, name), sharded=True, trained=name != 'teacher',

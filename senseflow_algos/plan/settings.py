@@ -54,6 +54,7 @@ class RunSettings:
     stochastic_rounding: bool
     max_duration: str
     seed: int
+    num_steps: int = 4
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
@@ -107,4 +108,5 @@ def read_run_settings(cfg: dict[str, Any]) -> RunSettings:
         precision=trainer.get('precision', 'fp32'), fsdp=fsdp, optimizer_kind=optimizer.get('kind', 'adamw'),
         min_8bit_size=int(optimizer.get('min_8bit_size', 4096)),
         stochastic_rounding=bool(optimizer.get('stochastic_rounding', False)),
-        max_duration=str(trainer['max_duration']), seed=int(cfg.get('seed', 17)), raw=cfg)
+        max_duration=str(trainer['max_duration']), seed=int(cfg.get('seed', 17)),
+        num_steps=int(model.get('num_steps', 4)), raw=cfg)

@@ -32,7 +32,7 @@ from senseflow_algos.shapes.world import render, sample_scene
 
 __all__ = ['EVAL_SEED', 'prompt_suite', 'renderer_images', 'TeacherSampler', 'evaluate_images', 'teacher_table',
            'student_images', 'distillation_report', 'format_table', 'save_grid', 'ShapesReport',
-           'teacher_cache_path', 'cached_teacher_images', 'fingerprint']
+           'teacher_cache_path', 'cached_teacher_images', 'fingerprint', 'compare_reports']
 
 EVAL_SEED = 5000
 BATCH = 64
@@ -101,7 +101,7 @@ class TeacherSampler:
 
 @torch.no_grad()
 def student_images(model, prompts: Sequence[str], seed: int = 0, method: str = 'renoise') -> torch.Tensor:
-    """The DMD model's generator in its 4 anchor steps (``senseflow_algos.sampling.sample``), in [-1, 1]."""
+    """The DMD model's generator in its anchor steps (``model.num_steps``, default 4) (``senseflow_algos.sampling.sample``), in [-1, 1]."""
     from senseflow_algos.sampling import SamplingComponents, sample
 
     parts = SamplingComponents.from_model(model)
@@ -179,7 +179,7 @@ def teacher_table(sampler: TeacherSampler, evaluator: ShapesEvaluator, n: int = 
 def distillation_report(model, evaluator: Optional[ShapesEvaluator] = None, n: int = 256, seed: int = 0,
                         guidance: float = C.DEFAULT_GUIDANCE, full_steps: int = C.DEFAULT_STEPS,
                         cache: Optional[Path] = None) -> dict:
-    """Teacher full-step, teacher 4-step Euler and student 4-step on the prompt suite.
+    """Teacher full-step, teacher n-step Euler and student n-step on the prompt suite (n = the student's steps).
 
     The teacher's full-step images for FD-T come from noise seed ``seed``; every row (the teacher's full-step row
     included, giving the noise floor) is drawn with seed ``seed + 1``.
@@ -192,20 +192,21 @@ def distillation_report(model, evaluator: Optional[ShapesEvaluator] = None, n: i
                                    teacher_cache_path(cache, teacher_key, full_steps, guidance, n, seed))
     full, full_spi = cached_teacher_images(sampler, prompts, full_steps, guidance, seed + 1,
                                            teacher_cache_path(cache, teacher_key, full_steps, guidance, n, seed + 1))
-    four, four_dt = _timed(lambda: sampler.generate(prompts, 4, guidance, seed + 1))
+    k = int(model.num_anchors)
+    four, four_dt = _timed(lambda: sampler.generate(prompts, k, guidance, seed + 1))
     student, student_dt = _timed(lambda: student_images(model, prompts, seed + 1))
     rows = {}
     for name, images, spi, steps in ((f'teacher {full_steps}-step Euler', full, full_spi, full_steps),
-                                     ('teacher 4-step Euler', four, four_dt / n, 4),
-                                     ('student 4-step', student, student_dt / n, 4)):
+                                     (f'teacher {k}-step Euler', four, four_dt / n, k),
+                                     (f'student {k}-step', student, student_dt / n, k)):
         row = evaluate_images(evaluator, images, prompts, ref, real)
         row.update(steps=steps, sec_per_image=spi)
         rows[name] = row
     return {'n': n, 'guidance': guidance, 'rows': rows, 'renderer': evaluate_images(evaluator, real, prompts),
             'images': {'prompts': prompts[:4] + prompts[n // 2:n // 2 + 4],
-                       'columns': {k: torch.cat([v[:4], v[n // 2:n // 2 + 4]])
-                                   for k, v in (('teacher full', full), ('teacher 4', four), ('student 4', student),
-                                                ('renderer', real))}}}
+                       'columns': {col: torch.cat([v[:4], v[n // 2:n // 2 + 4]])
+                                   for col, v in (('teacher full', full), (f'teacher {k}', four),
+                                                (f'student {k}', student), ('renderer', real))}}}
 
 
 def format_table(report: dict) -> str:
@@ -218,12 +219,45 @@ def format_table(report: dict) -> str:
                      f" | {a['single']['prompt']:.3f} | {a['two']['prompt']:.3f} | {a['all']['prompt']:.3f} | "
                      f"{a['all']['colour']:.3f} | {a['all']['shape']:.3f} | {a['single']['position']:.3f} | "
                      f"{a['two']['relation']:.3f} | {r['sec_per_image']:.4f} |")
-    if 'renderer' in report:
+    if report.get('renderer'):
         a = report['renderer']['acc']
         lines.append(f"| renderer (ground truth) | - | - | 0 | {a['single']['prompt']:.3f} | {a['two']['prompt']:.3f} | "
                      f"{a['all']['prompt']:.3f} | {a['all']['colour']:.3f} | {a['all']['shape']:.3f} | "
                      f"{a['single']['position']:.3f} | {a['two']['relation']:.3f} | - |")
     return '\n'.join(lines)
+
+
+def compare_reports(paths: Sequence[str | Path]) -> dict:
+    """One table from several runs' ``report.json`` (e.g. a 4-step and a 2-step student of the same teacher).
+
+    The first report gives the teacher's full-step row and the renderer; every report adds its few-step rows
+    (teacher n-step Euler, student n-step). A row name already taken (two students of the same step count) gets the
+    run folder's name appended. FD-T is comparable across the rows when every report used the same prompt count,
+    guidance and seed (the teacher's reference samples are then the same); a mismatch is an error.
+
+    Raises:
+        ValueError: Naming the report whose ``n`` or ``guidance`` differs from the first's.
+    """
+    reports = [(Path(p), json.loads(Path(p).read_text())) for p in paths]
+    if not reports:
+        raise ValueError('compare_reports needs at least one report.json')
+    first_path, first = reports[0]
+    rows = {}
+    for path, rep in reports:
+        for key in ('n', 'guidance'):
+            if rep.get(key) != first.get(key):
+                raise ValueError(f'{path}: {key}={rep.get(key)!r} differs from {first_path}: {key}={first.get(key)!r}; '
+                                 'FD-T is only comparable for the same prompt suite and teacher reference')
+        for name, row in rep['rows'].items():
+            if path != first_path and name.startswith('teacher ') and name in rows:
+                continue  # the same teacher row (same seed, same steps) again
+            key = name if name not in rows else f'{name} ({path.parent.parent.name or path.parent.name})'
+            rows[key] = row
+    # Teacher full-step first, then by steps, most first; a teacher row before the students of its step count.
+    full = [k for k in rows if k.startswith('teacher') and rows[k]['steps'] == max(r['steps'] for r in rows.values())]
+    rest = sorted((k for k in rows if k not in full), key=lambda k: (-rows[k]['steps'], not k.startswith('teacher')))
+    return {'n': first['n'], 'guidance': first.get('guidance'), 'rows': {k: rows[k] for k in full + rest},
+            'renderer': first.get('renderer'), 'sources': [str(p) for p, _ in reports]}
 
 
 def save_grid(columns: dict[str, torch.Tensor], prompts: Sequence[str], path: str | Path, scale: int = 3) -> Path:
@@ -281,14 +315,18 @@ class ShapesReport(_CallbackBase):
         seed (int): Noise seed. Default: ``0``.
         cache (str, optional): Folder caching the teacher's full-step samples. Default: ``runs/shapes_cache``.
         folder (str, optional): Output folder. Default: ``<run folder>/shapes_report``.
+        compare (list[str], optional): Other runs' ``report.json`` to show beside this one (e.g. the 4-step run's
+            ``runs/shapes/shapes_report/report.json`` in a 2-step run): written to ``compare.md`` and printed.
+            Missing files are skipped with a note.
     """
 
     def __init__(self, num_prompts: int = 512, guidance: float = C.DEFAULT_GUIDANCE,
                  full_steps: int = C.DEFAULT_STEPS, seed: int = 0, cache: Optional[str] = 'runs/shapes_cache',
-                 folder: Optional[str] = None):
+                 folder: Optional[str] = None, compare: Optional[Sequence[str]] = None):
         self.num_prompts, self.guidance, self.full_steps, self.seed = num_prompts, guidance, full_steps, seed
         self.cache = Path(cache) if cache else None
         self.folder = folder
+        self.compare = list(compare or [])
         self.losses: list[dict] = []
         self.report: Optional[dict] = None
 
@@ -329,6 +367,14 @@ class ShapesReport(_CallbackBase):
         self.report = report
         print(f'\nShapes world, {self.num_prompts} prompts (FD-T vs teacher {self.full_steps}-step g{self.guidance:g}):'
               f'\n{table}\nwritten to {folder}', flush=True)
+        others = [p for p in self.compare if Path(p).is_file()]
+        for p in self.compare:
+            if p not in others:
+                print(f'shapes_report.compare: {p} does not exist (run that configuration first); not compared')
+        if others:
+            merged = format_table(compare_reports([folder / 'report.json', *others]))
+            (folder / 'compare.md').write_text(merged + '\n')
+            print(f'\nBeside {", ".join(others)}:\n{merged}\nwritten to {folder / "compare.md"}', flush=True)
 
 
 def main(argv=None) -> None:
@@ -340,7 +386,14 @@ def main(argv=None) -> None:
     p.add_argument('--guidance', type=float, nargs='+', default=[C.DEFAULT_GUIDANCE])
     p.add_argument('--out', default=None, help='write report.json / report.md here')
     p.add_argument('--threads', type=int, default=1, help='torch intra-op threads (1: fastest on a shared 2-core machine)')
+    p.add_argument('--compare', nargs='+', metavar='REPORT_JSON',
+                   help="only merge these runs' report.json into one table (e.g. the 4-step and the 2-step student: "
+                   'runs/shapes/shapes_report/report.json runs/shapes_2step/shapes_report/report.json)')
     a = p.parse_args(argv)
+    if a.compare:
+        merged = compare_reports(a.compare)
+        print(write_report(merged, a.out) if a.out else format_table(merged))
+        return
     C.num_threads(a.threads)
     sampler = TeacherSampler.from_pipeline(C.load_teacher(a.teacher))
     configs = [(s, g) for g in a.guidance for s in a.steps]

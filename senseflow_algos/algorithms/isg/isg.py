@@ -12,7 +12,7 @@ from senseflow_algos import flow
 from senseflow_algos.algorithms.utils import get_dmd_model
 from senseflow_algos.models.dmd import GENERATOR_PHASE, sample_uniform
 
-__all__ = ['isg_target', 'isg_loss', 'IntraSegmentGuidance', 'DEFAULT_ISG_GUIDANCE']
+__all__ = ['isg_target', 'isg_loss', 'check_segments', 'IntraSegmentGuidance', 'DEFAULT_ISG_GUIDANCE']
 
 #: Teacher guidance of the ISG step per family when none is configured (FLUX embedded U(1,8); SD 3.5 Large CFG 5).
 DEFAULT_ISG_GUIDANCE = {'flux': (1.0, 8.0), 'sd35': (5.0, 5.0)}
@@ -53,10 +53,38 @@ def isg_loss(x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma
     raise ValueError(f"ISG loss_type must be 'charbonnier' or 'l2', got {loss_type!r}")
 
 
+def check_segments(family, sigmas: torch.Tensor, margin: Optional[int] = None) -> None:
+    """Check that every segment ``sigmas[i] -> sigmas[i + 1]`` leaves room for ``t_mid`` inside the index margin.
+
+    A segment from index ``t_cur`` to ``t_next`` (the family's :meth:`sigma_to_index`) needs
+    ``t_next + margin <= t_cur - margin``. With few steps this always holds; with many steps, or a large margin, the
+    top segments (FLUX: 1000 -> 956 for 8 steps at 1024 px) become too short.
+
+    Args:
+        family (ModelFamily): The teacher family (its index grid and default margin).
+        sigmas (Tensor): Anchors followed by 0 (``DMDModel.sigmas``).
+        margin (int, optional): ``algorithms.isg.margin``. Default: the family's.
+
+    Raises:
+        ValueError: Naming the first segment without room, the step count and the margin.
+    """
+    m = family.isg_margin if margin is None else margin
+    index = family.sigma_to_index(torch.as_tensor(sigmas, dtype=torch.float64))
+    for i in range(len(index) - 1):
+        lo, hi = int(index[i + 1]) + m, int(index[i]) - m
+        if hi < lo:
+            raise ValueError(
+                f'algorithms.isg.margin={m} leaves no room for ISG in segment {i} (sigma {float(sigmas[i]):.4f} -> '
+                f'{float(sigmas[i + 1]):.4f}, index {int(index[i])} -> {int(index[i + 1])}) of the '
+                f'{family.name} student with model.num_steps={len(index) - 1}: lower algorithms.isg.margin (at most '
+                f'{(int(index[i]) - int(index[i + 1])) // 2} here) or model.num_steps')
+
+
 class IntraSegmentGuidance(Algorithm):
     """Add ``weight * L_ISG`` to the generator loss on generator batches (SenseFlow, section 3.2).
 
-    For a sample at anchor ``tau_i``, draws ``t_mid`` uniformly on the 0..1000 index grid inside
+    Works for any number of anchors (``model.num_steps``); :func:`check_segments` checks at ``Event.INIT`` that each
+    segment is longer than twice the margin. For a sample at anchor ``tau_i``, draws ``t_mid`` uniformly on the 0..1000 index grid inside
     ``(tau_{i+1} + margin, tau_i - margin)`` (the last segment ends at sigma 0), lets the guided teacher step
     ``tau_i -> t_mid`` and the generator (no gradient) ``t_mid -> tau_{i+1}``, and matches the generator's direct step
     ``tau_i -> tau_{i+1}`` from the forward the DMD loss already made. Runs at ``Event.AFTER_LOSS`` of the generator
@@ -88,10 +116,15 @@ class IntraSegmentGuidance(Algorithm):
                 f'loss_type={self.loss_type!r}, charbonnier_c={self.charbonnier_c})')
 
     def match(self, event: Event, state: State) -> bool:
+        if event == Event.INIT:
+            return True
         return event == Event.AFTER_LOSS and get_dmd_model(state, 'ISG').phase == GENERATOR_PHASE.name
 
     def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
         model = get_dmd_model(state, 'ISG')
+        if event == Event.INIT:
+            check_segments(model.family, model.sigmas, self.margin)  # fail at start, not at the first generator step
+            return None
         out = state.outputs
         x, v, cond = out['x_t'], out['velocity'], out['cond']
         sigma, sigma_next = out['sigma'], out['sigma_next']

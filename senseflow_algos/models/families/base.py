@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
 
 __all__ = ['Components', 'ModelFamily', 'Conditioning', 'UNIFORM_ANCHORS', 'drop_vae_encoder']
 
-#: The four generator timesteps before each family's shift.
+#: The four generator timesteps before each family's shift (``flow.uniform_times(4)``; other step counts: that).
 UNIFORM_ANCHORS = (1.0, 0.75, 0.5, 0.25)
 
 #: Conditioning tensors by name, e.g. ``prompt_embeds`` and ``pooled_prompt_embeds``.
@@ -127,8 +127,12 @@ class ModelFamily(abc.ABC):
     # -- schedule -----------------------------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def anchors(self, latent_hw: tuple[int, int]) -> torch.Tensor:
-        """The 4 generator sigmas (float64, descending, first is 1) for latents of spatial size ``latent_hw``."""
+    def anchors(self, latent_hw: tuple[int, int], num_steps: int = 4) -> torch.Tensor:
+        """The generator's ``num_steps`` sigmas (float64, descending, first is 1) for latents of size ``latent_hw``.
+
+        They are :func:`~senseflow_algos.flow.uniform_times` (``[1, .75, .5, .25]`` for 4 steps) through the family's
+        time shift, as the reference derives its 4 anchors.
+        """
 
     @abc.abstractmethod
     def index_to_sigma(self, index: torch.Tensor | int) -> torch.Tensor:
@@ -228,7 +232,9 @@ class ModelFamily(abc.ABC):
         return self.index_to_sigma(t_mid)
 
 
-def shifted_anchors(shift_fn, base: Sequence[float] = UNIFORM_ANCHORS) -> torch.Tensor:
-    """Apply a family's time shift to the uniform anchors."""
-    return shift_fn(torch.tensor(base, dtype=torch.float64))
+def shifted_anchors(shift_fn, num_steps: int = 4) -> torch.Tensor:
+    """Apply a family's time shift to the ``num_steps`` uniform pre-shift times (:func:`flow.uniform_times`)."""
+    from senseflow_algos import flow
+
+    return shift_fn(flow.uniform_times(num_steps))
 

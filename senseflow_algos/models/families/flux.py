@@ -163,10 +163,13 @@ class FluxFamily(ModelFamily):
 
     # -- schedule -----------------------------------------------------------------------------------------------------
 
-    def anchors(self, latent_hw):
-        tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2)
-        mu = flow.flux_mu(tokens, **self.shift_params)
-        return shifted_anchors(lambda s: flow.flux_time_shift(s, mu))
+    def mu(self, latent_hw: tuple[int, int]) -> float:
+        """The time-shift exponent at latents of spatial size ``latent_hw`` (``h/2 * w/2`` packed tokens)."""
+        return flow.flux_mu((latent_hw[0] // 2) * (latent_hw[1] // 2), **self.shift_params)
+
+    def anchors(self, latent_hw, num_steps=4):
+        mu = self.mu(latent_hw)
+        return shifted_anchors(lambda s: flow.flux_time_shift(s, mu), num_steps)
 
     def index_to_sigma(self, index):
         return flow.flux_index_to_sigma(index)

@@ -158,16 +158,14 @@ class SD3Family(ModelFamily):
 
     # -- schedule -----------------------------------------------------------------------------------------------------
 
-    def anchors(self, latent_hw):
-        return shifted_anchors(lambda s: flow.shift_sigma(s, self.shift))
+    def anchors(self, latent_hw, num_steps=4):
+        return shifted_anchors(lambda s: flow.shift_sigma(s, self.shift), num_steps)
 
     def index_to_sigma(self, index):
         return flow.sd3_index_to_sigma(index, self.shift)
 
     def sigma_to_index(self, sigma):
-        s = torch.as_tensor(sigma, dtype=torch.float64)
-        unshifted = s / (self.shift - (self.shift - 1) * s)
-        return torch.round(unshifted * 1000 - 1).clamp_min(0)
+        return torch.round(flow.unshift_sigma(sigma, self.shift) * 1000 - 1).clamp_min(0)
 
     def dmd_sigma(self, n, generator, device=None):
         lo, hi = self.dmd_index_range
