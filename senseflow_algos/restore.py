@@ -300,7 +300,7 @@ def build_student(model_cfg: dict[str, Any], seed: int, state: dict[str, torch.T
     net.requires_grad_(False).eval()
     resolution = int(model_cfg['resolution'])
     latent_shape = tuple(fam.latent_shape(vae, resolution))
-    sigmas = flow.append_zero(fam.anchors(latent_shape[1:]))
+    sigmas = flow.append_zero(fam.anchors(latent_shape[1:], int(model_cfg.get('num_steps', 4))))
     return StudentParts(fam, net, vae.requires_grad_(False).eval(),
                         None if conditioner is None else conditioner.requires_grad_(False).eval(), sigmas,
                         latent_shape, dict(scheduler_config), resolution, source)

@@ -40,6 +40,7 @@ def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f'lora_{family}')
     cfg = load_config(REPO / 'yamls' / f'tiny_{family}.yaml', [
         'trainer.progress_bar=false', 'trainer.max_duration=2ba', 'algorithms.vfm_discriminator=null',
+        f'trainer.save_folder={root / "run"}', 'trainer.save_interval=2ba',
         'model.gen_every=1', 'model.lora.rank=4', 'model.lora.alpha=8', 'optimizer.lr=1e-2'])
     validate_config(cfg)
     trainer = build_trainer(cfg)
@@ -115,3 +116,22 @@ def test_lora_file_on_the_teacher_pipeline_reproduces_the_sampler(exported):
     diff = (ours - theirs).abs().max().item()
     print(f'{family} teacher pipeline + LoRA file: max |exported - in-repo| = {diff:.3g}')
     assert diff <= 1e-5
+
+
+def test_lora_checkpoint_exports_through_export_py(exported, tmp_path):
+    """``python export.py <run folder>`` of a LoRA run: the restored generator carries the adapters, so the export
+    writes the fused pipeline and the LoRA file, both giving the trained model's images."""
+    from diffusers import DiffusionPipeline
+
+    from senseflow_algos.export import main, pipeline_call_kwargs
+    from senseflow_algos.export_lora import load_lora_pipeline
+
+    family, _, out, teacher_dir, ours = exported
+    assert main([str(out.parent / 'run'), str(tmp_path / 'export')]) == 0
+    folder = tmp_path / 'export'
+    fused = _images(DiffusionPipeline.from_pretrained(str(folder)), pipeline_call_kwargs(folder))
+    with_file = _images(load_lora_pipeline(teacher_dir, folder), pipeline_call_kwargs(folder))
+    for name, images in (('fused', fused), ('teacher + LoRA file', with_file)):
+        diff = (ours - images).abs().max().item()
+        print(f'{family} export.py {name}: max |exported - in-repo| = {diff:.3g}')
+        assert diff <= 1e-5

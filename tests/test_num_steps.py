@@ -191,6 +191,7 @@ def trained(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f'run_{family}_{n}')
     cfg = load_config(REPO / 'yamls' / f'tiny_{family}.yaml', [
         'trainer.progress_bar=false', 'trainer.max_duration=2ba', f'trainer.save_folder={folder}',
+        'trainer.save_interval=2ba',
         'algorithms.vfm_discriminator=null', 'model.gen_every=1', f'model.num_steps={n}', 'optimizer.lr=1e-3'])
     validate_config(cfg)
     trainer = build_trainer(cfg)
@@ -224,4 +225,27 @@ def test_num_steps_student_exports_and_reproduces_the_sampler(trained, tmp_path)
     np.testing.assert_allclose(pipe.scheduler.sigmas.double().numpy(), model.sigmas.numpy(), atol=1e-6, rtol=0)
     diff = (ours - theirs).abs().max().item()
     print(f'{family} {n}-step: max |exported - in-repo| = {diff:.3g}')
+    assert diff <= 1e-5
+
+
+def test_num_steps_checkpoint_exports_through_export_py(trained, tmp_path):
+    """``python export.py <run folder>`` restores only the generator, from the run config saved with the checkpoint,
+    and writes the same anchors; its pipeline gives the in-repo sampler's images of the trained model."""
+    from diffusers import DiffusionPipeline
+
+    from senseflow_algos.export import EXPORT_INFO, main, pipeline_call_kwargs
+    from senseflow_algos.sampling import sample, seeded_default_generator
+
+    family, n, model, folder = trained
+    assert main([str(folder), str(tmp_path / 'export'), '--no-bare']) == 0
+    out = tmp_path / 'export'
+    info = json.loads((out / EXPORT_INFO).read_text())
+    assert info['num_steps'] == n and info['sigmas'] == [float(s) for s in model.sigmas]
+    pipe = DiffusionPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(PROMPTS, generator=seeded_default_generator(0), output_type='pt',
+                  **pipeline_call_kwargs(out)).images
+    ours = sample(model, PROMPTS, generator=seeded_default_generator(0)).images
+    diff = (ours - theirs).abs().max().item()
+    print(f'{family} {n}-step via export.py: max |exported - in-repo| = {diff:.3g}')
     assert diff <= 1e-5
