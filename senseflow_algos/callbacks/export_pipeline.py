@@ -49,8 +49,11 @@ def gather_generator(generator: nn.Module) -> Optional[nn.Module]:
     if dist.get_global_rank() != 0:
         return None
     cls = _diffusers_class(generator)
+    inner = getattr(generator, 'module', generator)
     with torch.device('meta'):
-        net = cls.from_config(getattr(generator, 'module', generator).config)
+        net = cls.from_config(inner.config)
+        for name, config in (getattr(inner, 'peft_config', None) or {}).items():  # a model.lora student
+            net.add_adapter(config, adapter_name=name)
     net.load_state_dict(state, strict=True, assign=True)
     return net.requires_grad_(False).eval()
 
