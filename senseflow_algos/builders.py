@@ -138,11 +138,15 @@ def build_scheduler(scheduler_cfg: dict[str, Any] | None):
     return SCHEDULERS[cfg.pop('name')](**cfg)
 
 
+def _switched_on(section: dict[str, Any] | None) -> dict[str, Any]:
+    """The entries of a named section (``algorithms:``, ``callbacks:``, ``loggers:``) that are on: ``name: null``
+    (``section.name=null`` on the command line) switches one off; ``name: {}`` keeps it with its defaults."""
+    return {name: kwargs for name, kwargs in (section or {}).items() if kwargs is not None}
+
+
 def _instantiate_named(section: dict[str, Any] | None, registry: dict[str, Callable], what: str) -> list:
     out = []
-    for name, kwargs in (section or {}).items():
-        if kwargs is None and what == 'algorithms':
-            continue  # `name: null` switches an algorithm off (ablations)
+    for name, kwargs in _switched_on(section).items():
         if name not in registry:
             raise ValueError(f'{what}.{name} is not known; choose from {sorted(registry)}')
         out.append(registry[name](**(kwargs or {})))
@@ -150,21 +154,22 @@ def _instantiate_named(section: dict[str, Any] | None, registry: dict[str, Calla
 
 
 def build_algorithms(algorithms_cfg: dict[str, Any] | None) -> list[Algorithm]:
-    """``algorithms:`` section (name -> kwargs) -> Algorithms, in YAML order."""
+    """``algorithms:`` section (name -> kwargs; ``null``: off) -> Algorithms, in YAML order."""
     return _instantiate_named(algorithms_cfg, ALGORITHMS, 'algorithms')
 
 
 def build_callbacks(callbacks_cfg: dict[str, Any] | None) -> list[Callback]:
-    """``callbacks:`` section (name -> kwargs) -> Callbacks."""
+    """``callbacks:`` section (name -> kwargs; ``null``: off, ``{}``: defaults) -> Callbacks."""
     return _instantiate_named(callbacks_cfg, CALLBACKS, 'callbacks')
 
 
 def build_loggers(loggers_cfg: dict[str, Any] | None, full_cfg: dict[str, Any]) -> list[LoggerDestination]:
-    """``loggers:`` section -> logger destinations. wandb gets the resolved run config."""
+    """``loggers:`` section (name -> kwargs; ``null``: off) -> logger destinations. wandb gets the resolved run
+    config."""
     loggers: list[LoggerDestination] = []
-    for name, kwargs in (loggers_cfg or {}).items():
+    for name, kwargs in _switched_on(loggers_cfg).items():
         if name == 'wandb':
-            kwargs = dict(kwargs or {})
+            kwargs = dict(kwargs)
             init_kwargs = dict(kwargs.pop('init_kwargs', None) or {})
             init_kwargs.setdefault('config', full_cfg)
             loggers.append(WandBLogger(init_kwargs=init_kwargs, **kwargs))

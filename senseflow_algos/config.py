@@ -41,7 +41,8 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
     """Load a YAML run config and apply ``dotted.key=value`` overrides.
 
     A config may start from another one with a top-level ``base: <path relative to this file>``; its keys are
-    deep-merged over the base's. An algorithm entry set to ``null`` is off (that is how ablations drop one).
+    deep-merged over the base's. An entry of ``algorithms:``, ``callbacks:`` or ``loggers:`` set to ``null`` is off
+    (that is how ablations drop an algorithm); ``{}`` keeps it with its defaults.
 
     Args:
         path: The YAML file.
