@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_script(name: str):
     import importlib.util
 
+    if str(REPO / 'data_prep') not in sys.path:  # as when Python runs the script: it imports its sibling mds_writer
+        sys.path.insert(0, str(REPO / 'data_prep'))
     spec = importlib.util.spec_from_file_location(f'data_prep_{name}', REPO / 'data_prep' / f'{name}.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

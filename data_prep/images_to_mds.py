@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from senseflow_algos.data.mds import (
+from mds_writer import (
     IMAGE_COLUMNS,
     IMAGE_EXTENSIONS,
     add_writer_args,

@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from senseflow_algos.data.mds import (
+from mds_writer import (
     IMAGE_COLUMNS,
     add_writer_args,
     image_sample,

@@ -32,19 +32,11 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+from mds_writer import add_writer_args, barrier, rank_world, run_writer
 
-from senseflow_algos.data.mds import (
-    BadSample,
-    add_writer_args,
-    barrier,
-    join_uri,
-    open_image,
-    rank_world,
-    read_file,
-    run_writer,
-    write_file,
-)
+from senseflow_algos.data.samples import BadSample, open_image
 from senseflow_algos.data.streaming import NEGATIVES_FILE, PRECOMPUTE_META_FILE, image_to_tensor, make_streams
+from senseflow_algos.data.uri import join_uri, read_file, write_file
 
 #: Input encodings whose decode/encode round trip is lossy: copied as the stored bytes (column becomes ``bytes``).
 RAW_COPY_ENCODINGS = ('jpeg',)

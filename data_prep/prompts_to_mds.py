@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from senseflow_algos.data.mds import (
+from mds_writer import (
     PROMPT_COLUMNS,
     add_writer_args,
     manifest_records,

@@ -38,7 +38,8 @@ import torch
 from streaming import Stream, StreamingDataset
 from torch.utils.data import DataLoader
 
-from senseflow_algos.data.mds import BadSample, is_remote, join_uri, open_image, read_file
+from senseflow_algos.data.samples import BadSample, open_image
+from senseflow_algos.data.uri import is_remote, join_uri, read_file
 
 __all__ = [
     'KINDS', 'PRECOMPUTE_META_FILE', 'NEGATIVES_FILE', 'BadSampleError', 'SenseflowStreamingDataset',

@@ -24,7 +24,10 @@ NUM_IMAGES = 12
 
 
 def load_script(name: str) -> ModuleType:
-    """``data_prep/<name>.py`` as a module (its ``main(argv)`` runs in this process)."""
+    """``data_prep/<name>.py`` as a module (its ``main(argv)`` runs in this process). ``data_prep/`` goes first on
+    ``sys.path``, as when Python runs the script, so it imports its sibling ``mds_writer``."""
+    if str(DATA_PREP) not in sys.path:
+        sys.path.insert(0, str(DATA_PREP))
     key = f'data_prep_{name}'
     if key not in sys.modules:
         spec = importlib.util.spec_from_file_location(key, DATA_PREP / f'{name}.py')

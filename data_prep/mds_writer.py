@@ -1,4 +1,5 @@
-"""Writing MDS (MosaicML Streaming) datasets: captioned images, prompt lists, and the shared part-wise writer.
+"""Writing MDS (MosaicML Streaming) datasets: captioned images, prompt lists, and the part-wise writer shared by the
+``data_prep/`` scripts.
 
 Everything ``data_prep/`` does goes through :func:`write_parts`: the inputs are a fixed, ordered list of records
 cut into *parts* of ``part_size`` records; each part is written by its own ``MDSWriter`` into ``<out>/part-NNNNN/``
@@ -10,28 +11,33 @@ launch take parts round-robin, and at the end rank 0 merges the parts' indexes i
 Columns written by the converters (:data:`IMAGE_COLUMNS`, :data:`PROMPT_COLUMNS`): ``image`` holds the image file's
 bytes exactly as read (lossless; decoded at training time), ``caption``, ``width`` and ``height`` (after EXIF
 orientation, as training sees it), and ``key`` (the source: relative path, manifest row or prompt line).
+
+The scripts beside this file import it as ``mds_writer``: Python puts a script's folder first on ``sys.path``
+(``python data_prep/<script>.py``, ``composer -n N data_prep/<script>.py``); a loader that runs a script in-process
+(the data tests, ``bench/data_precompute.py``) puts ``data_prep/`` on ``sys.path`` first. Files at a URI and image
+decoding, which training shares, live in :mod:`senseflow_algos.data.uri` and :mod:`senseflow_algos.data.samples`.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import logging
 import os
 import shutil
-import tempfile
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+from senseflow_algos.data.samples import BadSample, open_image
+from senseflow_algos.data.uri import file_exists, is_remote, join_uri, read_file, write_file
+
 __all__ = [
-    'IMAGE_COLUMNS', 'PROMPT_COLUMNS', 'IMAGE_EXTENSIONS', 'PREP_STATE_FILE', 'Record', 'BadSample', 'PartStats',
-    'is_remote', 'join_uri', 'read_file', 'write_file', 'file_exists', 'rank_world', 'barrier', 'folder_records',
-    'manifest_records', 'prompt_file_records', 'read_manifest', 'image_sample', 'prompt_sample', 'open_image',
-    'write_parts', 'part_name', 'simple_make_samples', 'count_samples', 'add_writer_args', 'run_writer'
+    'IMAGE_COLUMNS', 'PROMPT_COLUMNS', 'IMAGE_EXTENSIONS', 'PREP_STATE_FILE', 'Record', 'PartStats', 'rank_world',
+    'barrier', 'folder_records', 'manifest_records', 'prompt_file_records', 'read_manifest', 'image_sample',
+    'prompt_sample', 'write_parts', 'part_name', 'simple_make_samples', 'count_samples', 'add_writer_args',
+    'run_writer'
 ]
 
 log = logging.getLogger(__name__)
@@ -45,10 +51,6 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.
 #: Written at the output root: what the parts were made from, so a resume with other inputs is refused.
 PREP_STATE_FILE = 'senseflow_prep.json'
 INDEX_FILE = 'index.json'
-
-
-class BadSample(ValueError):
-    """A record or sample that cannot be used (unreadable image, empty caption, wrong shape, ...)."""
 
 
 @dataclass(frozen=True)
@@ -67,55 +69,6 @@ class PartStats:
     parts_skipped: int = 0
     samples_written: int = 0
     bad_samples: int = 0
-
-
-# -- paths, local or remote -------------------------------------------------------------------------------------------
-
-
-def is_remote(path: str) -> bool:
-    """Whether ``path`` is an object-store URI (``s3://...``) rather than a local path."""
-    return urllib.parse.urlparse(str(path)).scheme not in ('', 'file')
-
-
-def join_uri(root: str, *parts: str) -> str:
-    """``root/part/...`` for a local folder or a URI."""
-    if is_remote(root):
-        return '/'.join([str(root).rstrip('/'), *[p.strip('/') for p in parts]])
-    return os.path.join(root, *parts)
-
-
-def read_file(uri: str, timeout: float = 60) -> Optional[bytes]:
-    """Bytes of a local file or remote object, ``None`` if it does not exist."""
-    if not is_remote(uri):
-        return Path(uri).read_bytes() if os.path.isfile(uri) else None
-    from streaming.base.storage import CloudDownloader
-
-    with tempfile.TemporaryDirectory() as tmp:
-        dest = os.path.join(tmp, 'file')
-        try:
-            CloudDownloader.direct_download(uri, dest, timeout)
-        except Exception:  # a missing object is reported differently by every provider
-            return None
-        return Path(dest).read_bytes() if os.path.isfile(dest) else None
-
-
-def file_exists(uri: str) -> bool:
-    return os.path.isfile(uri) if not is_remote(uri) else read_file(uri) is not None
-
-
-def write_file(root: str, name: str, data: bytes) -> None:
-    """Write ``root/name`` (local folder or remote URI, through Streaming's uploader)."""
-    if not is_remote(root):
-        os.makedirs(root, exist_ok=True)
-        tmp = os.path.join(root, f'.{name}.tmp{os.getpid()}')
-        Path(tmp).write_bytes(data)
-        os.replace(tmp, os.path.join(root, name))
-        return
-    from streaming.base.storage import CloudUploader
-
-    with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, name).write_bytes(data)
-        CloudUploader.get((tmp, str(root)), keep_local=True, exist_ok=True).upload_file(name)
 
 
 # -- ranks ------------------------------------------------------------------------------------------------------------
@@ -237,20 +190,6 @@ def prompt_file_records(path: str | os.PathLike) -> list[Record]:
 
 
 # -- samples ----------------------------------------------------------------------------------------------------------
-
-
-def open_image(data: Any):
-    """Raw image bytes (or a PIL image) to an RGB PIL image with EXIF orientation applied; :class:`BadSample` if
-    the bytes do not decode."""
-    from PIL import Image, ImageOps
-
-    try:
-        image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
-        image = ImageOps.exif_transpose(image)
-        image.load()
-        return image.convert('RGB')
-    except Exception as e:  # PIL raises many types for broken files
-        raise BadSample(f'unreadable image ({type(e).__name__}: {e})') from None
 
 
 def _caption(record: Record) -> str:
