@@ -40,7 +40,7 @@ WORLD_SEED = 4000
 
 def build_backbone(weights: str | Path | None = None):
     """The shapes VFM as the discriminator builds it (random init, or ``weights``)."""
-    from senseflow_algos.algorithms.vfm_discriminator.network import VFMBackbone
+    from senseflow_algos.algorithms.vfm_discriminator.backbone import VFMBackbone
 
     kwargs = dict(VFM_KWARGS)
     if weights is not None:

@@ -3,14 +3,10 @@
 See the :doc:`README <README>` for usage and suggested hyperparameters.
 """
 
+from senseflow_algos.algorithms.vfm_discriminator.backbone import DEFAULT_VFM_MODEL, VFMBackbone
 from senseflow_algos.algorithms.vfm_discriminator.diffaug import diff_augment
+from senseflow_algos.algorithms.vfm_discriminator.heads import DiscriminatorHead, VFMDiscriminatorHeads
 from senseflow_algos.algorithms.vfm_discriminator.losses import hinge_d_loss, hinge_g_loss
-from senseflow_algos.algorithms.vfm_discriminator.network import (
-                                                                   DEFAULT_VFM_MODEL,
-                                                                   DiscriminatorHead,
-                                                                   VFMBackbone,
-                                                                   VFMDiscriminatorHeads,
-)
 from senseflow_algos.algorithms.vfm_discriminator.vfm_discriminator import (
                                                                    VFMDiscriminator,
                                                                    discriminator_logits,

@@ -10,16 +10,15 @@ from composer.loggers import Logger
 from torch import nn
 
 from senseflow_algos.algorithms.utils import get_dmd_model
+from senseflow_algos.algorithms.vfm_discriminator.backbone import DEFAULT_VFM_MODEL, VFMBackbone
 from senseflow_algos.algorithms.vfm_discriminator.diffaug import diff_augment
-from senseflow_algos.algorithms.vfm_discriminator.losses import hinge_d_loss, hinge_g_loss
-from senseflow_algos.algorithms.vfm_discriminator.network import (
+from senseflow_algos.algorithms.vfm_discriminator.heads import (
     DEFAULT_REFERENCE_MAP,
-    DEFAULT_VFM_MODEL,
     REFERENCE_MAPS,
-    VFMBackbone,
     VFMDiscriminatorHeads,
     fitting_downsamples,
 )
+from senseflow_algos.algorithms.vfm_discriminator.losses import hinge_d_loss, hinge_g_loss
 from senseflow_algos.models.dmd import CRITIC_PHASE, GENERATOR_PHASE, DMDModel
 
 __all__ = ['VFMDiscriminator', 'discriminator_logits', 'reference_features', 'enable_decoder_checkpointing']
