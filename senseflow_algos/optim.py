@@ -16,6 +16,7 @@ away every step below half a bf16 spacing (8e-5 at a weight of 0.02, against lr 
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 import math
@@ -34,16 +35,36 @@ from senseflow_algos.stochastic_rounding import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ['Phase', 'PhaseController', 'PhasedOptimizerMixin', 'PhasedAdamW', 'LowPrecisionAdamW', 'ROLES',
+__all__ = ['TrainingPhase', 'Phase', 'PhaseController', 'PhasedOptimizerMixin', 'PhasedAdamW', 'LowPrecisionAdamW', 'ROLES',
            'NonFiniteGradientError', 'LOW_PRECISION_REASON']
 
 #: Roles a param group may carry.
 ROLES = ('generator', 'fake_score', 'discriminator')
 
 
+class TrainingPhase(enum.Enum):
+    """The phases of a DMD training batch (TTUR): which networks one closure pass trains.
+
+    ``str(phase)`` is its lower-case value (``generator``, ``critic``), as in logs and error messages.
+    """
+
+    #: The generator (student) steps on the DMD loss and the generator terms of the algorithms.
+    GENERATOR = 'generator'
+    #: The fake score (and the discriminator heads, if any) step on the detached generator sample.
+    CRITIC = 'critic'
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class Phase(NamedTuple):
-    """One closure pass of a training batch and the param-group roles it updates."""
-    name: str
+    """One closure pass of a training batch and the param-group roles it updates.
+
+    Attributes:
+        kind (TrainingPhase): Which phase this is; the controller sets its own phase from it (``model.phase``).
+        roles (tuple[str, ...]): Roles (:data:`ROLES`) of the param groups this phase updates.
+    """
+    kind: TrainingPhase
     roles: tuple[str, ...]
 
 
@@ -165,12 +186,12 @@ class PhasedOptimizerMixin:
             return True
         if self.on_nonfinite == 'stop':
             raise NonFiniteGradientError(
-                f'non-finite gradient in the {phase.name} phase (roles {list(phase.roles)}); no weight was updated. '
+                f'non-finite gradient in the {phase.kind} phase (roles {list(phase.roles)}); no weight was updated. '
                 "Set optimizer.on_nonfinite=skip to skip such updates instead.")
         for p in params:
             p.grad = None
         self.param_groups[0]['nonfinite_skips'] = self.param_groups[0].get('nonfinite_skips', 0) + 1
-        log.warning('skipped the %s update: non-finite gradient (%d skipped so far)', phase.name,
+        log.warning('skipped the %s update: non-finite gradient (%d skipped so far)', phase.kind,
                     self.param_groups[0]['nonfinite_skips'])
         return False
 

@@ -170,7 +170,7 @@ def _passes(model, batches: int, n: int = 2, with_latents: bool = True, rank=Non
         monkeypatch.setattr('senseflow_algos.models.dmd.dist.get_global_rank', lambda: rank)
     outs = []
     for step in range(batches):
-        model.ttur_step.fill_(step)
+        model.batches_seen.fill_(step)
         out = model.generator_pass(batch, with_grad=False)
         outs.append({k: out[k] for k in ('backward_simulation', 'anchor_index', 'sigma', 'sigma_next', 'x_t')})
         model.end_batch()
@@ -182,13 +182,13 @@ def test_backward_simulation_is_chosen_with_probability_backsim_prob(p):
     model = _input_model(backsim_prob=p)
     n_batches = 1500
     outs = _passes(model, n_batches)
-    count = sum(o['backward_simulation'] for o in outs)
+    count = sum(o.backward_simulation for o in outs)
     sd = math.sqrt(n_batches * p * (1 - p))
     assert abs(count - n_batches * p) < 4 * sd, (count, n_batches * p)
     # Backward simulation: one anchor for the whole batch; forward diffusion: one per sample. Both uniform over the 4.
-    shared = torch.tensor([int(o['anchor_index'][0]) for o in outs if o['backward_simulation']])
-    assert all(o['anchor_index'].unique().numel() == 1 for o in outs if o['backward_simulation'])
-    per_sample = torch.cat([o['anchor_index'] for o in outs if not o['backward_simulation']])
+    shared = torch.tensor([int(o.anchor_index[0]) for o in outs if o.backward_simulation])
+    assert all(o.anchor_index.unique().numel() == 1 for o in outs if o.backward_simulation)
+    per_sample = torch.cat([o.anchor_index for o in outs if not o.backward_simulation])
     for draws in (shared, per_sample):
         counts = torch.bincount(draws, minlength=4).double()
         expected = draws.numel() / 4
@@ -199,18 +199,18 @@ def test_backward_simulation_choice_and_anchor_are_shared_by_all_ranks(monkeypat
     model = _input_model()
     rank0 = _passes(model, 40, rank=0, monkeypatch=monkeypatch)
     rank1 = _passes(model, 40, rank=1, monkeypatch=monkeypatch)
-    assert [o['backward_simulation'] for o in rank0] == [o['backward_simulation'] for o in rank1]
-    assert 5 < sum(o['backward_simulation'] for o in rank0) < 35
+    assert [o.backward_simulation for o in rank0] == [o.backward_simulation for o in rank1]
+    assert 5 < sum(o.backward_simulation for o in rank0) < 35
     for a, b in zip(rank0, rank1):
-        if a['backward_simulation']:
-            assert torch.equal(a['anchor_index'], b['anchor_index'])
-        assert not torch.equal(a['x_t'], b['x_t'])  # each rank's own noise
+        if a.backward_simulation:
+            assert torch.equal(a.anchor_index, b.anchor_index)
+        assert not torch.equal(a.x_t, b.x_t)  # each rank's own noise
 
 
 def test_prompt_only_batches_always_backward_simulate():
     model = _input_model(backsim_prob=0.0)
-    assert all(o['backward_simulation'] for o in _passes(model, 50, with_latents=False))
-    assert not any(o['backward_simulation'] for o in _passes(model, 50))  # with latents, p = 0 means never
+    assert all(o.backward_simulation for o in _passes(model, 50, with_latents=False))
+    assert not any(o.backward_simulation for o in _passes(model, 50))  # with latents, p = 0 means never
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def test_sigma_next_is_the_next_anchor_and_zero_after_the_last(family):
     model = _input_model(family, resolution=256 if family == 'flux' else 32)
     seen = set()
     for out in _passes(model, 60, n=4):
-        for s, s_next in zip(out['sigma'].tolist(), out['sigma_next'].tolist()):
+        for s, s_next in zip(out.sigma.tolist(), out.sigma_next.tolist()):
             anchor = min(NEXT_ANCHOR[family], key=lambda a: abs(a - s))
             assert abs(s - anchor) < 1e-3 and abs(s_next - NEXT_ANCHOR[family][anchor]) < 1e-3, (s, s_next)
             seen.add(anchor)
@@ -277,7 +277,7 @@ def _isg_calls(model, algo, batches: int, n: int = 16) -> list[SimpleNamespace]:
         algo.apply(Event.AFTER_LOSS, state, None)
         teacher, generator = rec.calls
         assert (teacher.net, generator.net) == ('teacher', 'generator') and generator.guidance is None
-        calls.append(SimpleNamespace(sigma=out['sigma'], sigma_next=out['sigma_next'], teacher=teacher,
+        calls.append(SimpleNamespace(sigma=out.sigma, sigma_next=out.sigma_next, teacher=teacher,
                                      generator=generator))
         model.end_batch()
     return calls

@@ -9,6 +9,7 @@ from senseflow_algos import flow
 from senseflow_algos.algorithms import IntraSegmentGuidance
 from senseflow_algos.functional import isg_loss, isg_target
 from senseflow_algos.models.families import FluxFamily, SD3Family
+from senseflow_algos.optim import TrainingPhase
 from tests.algorithms.conftest import LossRecorder, tiny_config
 
 
@@ -100,7 +101,7 @@ def test_training_adds_weighted_term_and_generator_grad_forward_once(algo_traine
         assert entry['loss/train/generator/isg'] > 0
     assert 'loss/train/generator/isg' not in losses.losses[1]
     # Exactly one generator forward with gradient per generator phase; the teacher never builds a graph.
-    assert sum(1 for phase, grad in calls if phase == 'generator' and grad) == 2
+    assert sum(1 for phase, grad in calls if phase is TrainingPhase.GENERATOR and grad) == 2
     assert not any(grad for who, grad in calls if who == 'teacher')
     assert sum(1 for who, _ in calls if who == 'teacher') == 4  # DMD real score + ISG step, per generator batch
 

@@ -11,6 +11,7 @@ from composer.loggers import Logger
 from torch import nn
 
 from senseflow_algos.algorithms.utils import get_dmd_model
+from senseflow_algos.optim import TrainingPhase
 from senseflow_algos.stochastic_rounding import (
     DeviceGenerators,
     copy_stochastic_,
@@ -127,7 +128,7 @@ class ImplicitDistributionAlignment(Algorithm):
         if event != Event.BEFORE_TRAIN_BATCH:
             return False
         model = get_dmd_model(state, 'IDA')
-        return model.phase == 'critic' and model.generator_stepped
+        return model.phase is TrainingPhase.CRITIC and model.generator_stepped
 
     def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
         model = get_dmd_model(state, 'IDA')
