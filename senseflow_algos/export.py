@@ -320,7 +320,7 @@ def sampling_components_from_pipeline(pipe, info: dict[str, Any]) -> SamplingCom
         pipe: The pipeline from ``DiffusionPipeline.from_pretrained(folder)``.
         info (dict): :func:`load_export_info` of that folder.
     """
-    from senseflow_algos.models.families import FluxConditioner, SD3Conditioner, get_family
+    from senseflow_algos.models.families import FluxConditioner, SD35Conditioner, get_family
 
     name = info['family']
     max_len = int(info['call_kwargs'].get('max_sequence_length', 512))
@@ -328,7 +328,7 @@ def sampling_components_from_pipeline(pipe, info: dict[str, Any]) -> SamplingCom
         conditioner = FluxConditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
                                       max_sequence_length=max_len)
     elif name == 'sd35':
-        conditioner = SD3Conditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
+        conditioner = SD35Conditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
                                      pipe.text_encoder_3, pipe.tokenizer_3, max_sequence_length=max_len)
     else:
         raise ExportError(f'{EXPORT_INFO}: family={name!r} is not known; known: {sorted(PIPELINE_CLASSES)}')

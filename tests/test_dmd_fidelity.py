@@ -18,7 +18,7 @@ from composer.core import Event
 from senseflow_algos.algorithms import IntraSegmentGuidance
 from senseflow_algos.models.dmd import GENERATOR_PHASE
 from senseflow_algos.models.factory import build_dmd_model
-from senseflow_algos.models.families import FluxFamily, SD3Family
+from senseflow_algos.models.families import FluxFamily, SD35Family
 
 REPO = Path(__file__).resolve().parents[1]
 #: A KS distance this large has p < 1e-4 at the sample sizes used (critical value about 1.95 / sqrt(n)): generous for
@@ -245,7 +245,7 @@ MID_RANGE = {
 
 @pytest.mark.parametrize('name', ['flux', 'sd35'])
 def test_isg_mid_sigma_ranges_from_the_notes(name):
-    family = {'flux': FluxFamily, 'sd35': SD3Family}[name]()
+    family = {'flux': FluxFamily, 'sd35': SD35Family}[name]()
     anchors = family.anchors((128, 128))
     gen = torch.Generator().manual_seed(0)
     for cur, (lo, hi) in MID_RANGE[name].items():

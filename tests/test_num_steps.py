@@ -15,7 +15,7 @@ import torch
 
 from senseflow_algos import flow
 from senseflow_algos.algorithms.isg.isg import check_segments
-from senseflow_algos.models.families import FluxFamily, SD3Family
+from senseflow_algos.models.families import FluxFamily, SD35Family
 
 STEPS = (1, 2, 4, 8)
 
@@ -81,7 +81,7 @@ def _diffusers_flux_sigmas(n: int, tokens: int) -> np.ndarray:
 
 @pytest.mark.parametrize('n', STEPS)
 def test_sd3_anchors_match_the_diffusers_scheduler(n):
-    anchors = SD3Family().anchors((128, 128), n)
+    anchors = SD35Family().anchors((128, 128), n)
     assert anchors.dtype == torch.float64 and len(anchors) == n
     np.testing.assert_allclose(flow.append_zero(anchors).numpy(), _diffusers_sd3_sigmas(n), atol=1e-6, rtol=0)
     # The reference's index form: [999, 749, 499, 249] for 4 steps, i.e. 1000 k / n - 1 through the scheduler's sigmas.
@@ -110,7 +110,7 @@ def test_flux_anchor_indices_by_hand():
 
 
 def test_four_steps_are_the_default_anchors():
-    for fam, hw in ((FluxFamily(), (128, 128)), (FluxFamily(), (4, 4)), (SD3Family(), (128, 128))):
+    for fam, hw in ((FluxFamily(), (128, 128)), (FluxFamily(), (4, 4)), (SD35Family(), (128, 128))):
         assert torch.equal(fam.anchors(hw), fam.anchors(hw, 4))
 
 
@@ -119,7 +119,7 @@ def test_four_steps_are_the_default_anchors():
 
 
 @pytest.mark.parametrize('n', STEPS)
-@pytest.mark.parametrize('family', [FluxFamily(), SD3Family()], ids=['flux', 'sd35'])
+@pytest.mark.parametrize('family', [FluxFamily(), SD35Family()], ids=['flux', 'sd35'])
 def test_isg_mid_points_stay_inside_every_segment(family, n):
     sigmas = flow.append_zero(family.anchors((128, 128), n))
     check_segments(family, sigmas)
@@ -153,7 +153,7 @@ def test_gan_weight_follows_the_anchors():
     assert float(fam.adversarial_weight(a2)[1]) == pytest.approx((1 - math.exp(1.15) / (math.exp(1.15) + 1))**2)
     # SD 3.5's reference weight: the unflipped scheduler sigma at the anchor's index, squared. 2 steps: indices
     # [999, 499] -> scheduler.sigmas[999], [499] = shift3(1/1000), shift3(501/1000).
-    sd3 = SD3Family()
+    sd3 = SD35Family()
     w = sd3.adversarial_weight(sd3.anchors((128, 128), 2))
     shift3 = [3 * s / (1 + 2 * s) for s in (0.001, 0.501)]
     torch.testing.assert_close(w, torch.tensor([shift3[0]**2, shift3[1]**2], dtype=torch.float64), atol=1e-12,

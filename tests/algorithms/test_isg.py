@@ -8,7 +8,7 @@ import torch
 from senseflow_algos import flow
 from senseflow_algos.algorithms import IntraSegmentGuidance
 from senseflow_algos.functional import isg_loss, isg_target
-from senseflow_algos.models.families import FluxFamily, SD3Family
+from senseflow_algos.models.families import FluxFamily, SD35Family
 from senseflow_algos.optim import TrainingPhase
 from tests.algorithms.conftest import LossRecorder, tiny_config
 
@@ -62,7 +62,7 @@ def test_gradient_only_through_direct_step():
 #: index -> sigma map, by hand (FLUX t / 1000; SD 3.5 shift3((t + 1) / 1000), and index 0 of the end point is sigma 0).
 SEGMENTS = {
     'flux': (FluxFamily(), [1000, 904, 759, 512, 0], 20, lambda t: t / 1000),
-    'sd35': (SD3Family(), [999, 749, 499, 249, 0], 50, lambda t: 3 * (t + 1) / 1000 / (1 + 2 * (t + 1) / 1000)),
+    'sd35': (SD35Family(), [999, 749, 499, 249, 0], 50, lambda t: 3 * (t + 1) / 1000 / (1 + 2 * (t + 1) / 1000)),
 }
 
 
