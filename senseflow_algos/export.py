@@ -17,7 +17,7 @@ pass ``sigmas=`` (written to ``senseflow_export.json``) and ``guidance_scale=1``
 
 Randomness: the pipeline draws its initial noise from ``generator`` but the scheduler's re-noise noise from the
 device's global RNG (``step`` is called without a generator); pass
-:func:`senseflow_algos.sampling.seeded_default_generator` to both to get identical samples.
+:func:`senseflow_algos.sampling.seeded_default_rng` to both to get identical samples.
 
 Command line: ``python export.py <run folder | checkpoint | object-store URI> <out folder> [--config yamls/x.yaml
 overrides...]``; the checkpoint is read by :mod:`senseflow_algos.restore` (unsharded ``.pt``, FSDP1 / FSDP2 sharded
@@ -249,7 +249,7 @@ def export_pipeline(model: 'DMDModel', out: str | Path, method: str = 'renoise',
         'lora': lora,
         'source': source,
         'notes': ('Re-noise noise comes from the global RNG of the device (the scheduler step is called without a '
-                  'generator): pass senseflow_algos.sampling.seeded_default_generator(seed) as generator= to match '
+                  'generator): pass senseflow_algos.sampling.seeded_default_rng(seed) as generator= to match '
                   'the in-repo sampler exactly. At a resolution other than the one trained, FLUX shifts the anchors '
                   'by its resolution rule.'),
     }
@@ -370,5 +370,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     call = pipeline_call_kwargs(folder)
     print(f'exported to {folder}\n'
           f'  pipe = DiffusionPipeline.from_pretrained({str(folder)!r})\n'
-          f'  pipe(prompt, generator=seeded_default_generator(0), **{call})')
+          f'  pipe(prompt, generator=seeded_default_rng(0), **{call})')
     return 0

@@ -26,7 +26,7 @@ import torch
 
 from senseflow_algos.checks.trained_precision import LOW_PRECISION_REASON
 from senseflow_algos.stochastic_rounding import (
-    DeviceGenerators,
+    DeviceRngs,
     copy_stochastic_,
     draw_seed,
     is_low_precision,
@@ -269,12 +269,12 @@ class LowPrecisionAdamW(torch.optim.AdamW):
         finally:
             for (_, p), grad in zip(low, grads):
                 p.grad = grad
-        generators = DeviceGenerators(self._rounding_seed())
+        rngs = DeviceRngs(self._rounding_seed())
         for group, p in low:
-            self._fp32_update(group, p, generators)
+            self._fp32_update(group, p, rngs)
         return loss
 
-    def _fp32_update(self, group: dict[str, Any], p: torch.Tensor, generators: DeviceGenerators) -> None:
+    def _fp32_update(self, group: dict[str, Any], p: torch.Tensor, rngs: DeviceRngs) -> None:
         """AdamW (torch's formula, single-tensor form) in fp32 on ``p``'s local values; stochastic write-back."""
         state = self.state[p]
         if not state:
@@ -297,7 +297,7 @@ class LowPrecisionAdamW(torch.optim.AdamW):
             torch.maximum(second, exp_avg_sq, out=second)
         denom = (second.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
         weight.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
-        copy_stochastic_(p, weight, generators(weight.device))
+        copy_stochastic_(p, weight, rngs(weight.device))
 
 
 def _fp32_moments(p: torch.Tensor, amsgrad: bool) -> dict[str, torch.Tensor]:

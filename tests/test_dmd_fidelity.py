@@ -172,7 +172,8 @@ def _passes(model, batches: int, n: int = 2, with_latents: bool = True, rank=Non
     for step in range(batches):
         model.batches_seen.fill_(step)
         out = model.generator_pass(batch, with_grad=False)
-        outs.append({k: out[k] for k in ('backward_simulation', 'anchor_index', 'sigma', 'sigma_next', 'x_t')})
+        outs.append(SimpleNamespace(**{k: getattr(out, k) for k in ('backward_simulation', 'anchor_index', 'sigma', 'sigma_next',
+                                                                      'x_t')}))
         model.end_batch()
     return outs
 
@@ -247,12 +248,12 @@ MID_RANGE = {
 def test_isg_mid_sigma_ranges_from_the_notes(name):
     family = {'flux': FluxFamily, 'sd35': SD35Family}[name]()
     anchors = family.anchors((128, 128))
-    gen = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(0)
     for cur, (lo, hi) in MID_RANGE[name].items():
         i = min(range(4), key=lambda j: abs(float(anchors[j]) - cur))
         s_cur = torch.full((3000,), float(anchors[i]), dtype=torch.float64)
         s_next = torch.full((3000,), float(torch.cat([anchors, anchors.new_zeros(1)])[i + 1]), dtype=torch.float64)
-        mid = family.isg_mid_sigma(s_cur, s_next, gen)
+        mid = family.isg_mid_sigma(s_cur, s_next, rng)
         assert float(mid.min()) == pytest.approx(lo, abs=5e-4) and float(mid.max()) == pytest.approx(hi, abs=5e-4)
         grid = mid * 1000 if name == 'flux' else sd35_index_of(mid)
         assert (grid - grid.round()).abs().max() < 1e-6

@@ -153,11 +153,11 @@ def test_isg_mid_sigma_inside_segments(name, margin):
     assert family.isg_margin == margin
     sigmas = flow.append_zero(family.anchors((128, 128)))
     n = 4000
-    gen = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(0)
     for i in range(4):
         cur = torch.full((n,), float(sigmas[i]), dtype=torch.float64)
         nxt = torch.full((n,), float(sigmas[i + 1]), dtype=torch.float64)
-        mid = family.isg_mid_sigma(cur, nxt, gen)
+        mid = family.isg_mid_sigma(cur, nxt, rng)
         assert mid.shape == (n,)
         assert (mid > nxt).all() and (mid < cur).all(), (i, mid.min(), mid.max())
         # The grid index of each draw, by hand: FLUX t = 1000 s; SD 3.5 (t + 1) / 1000 = s / (3 - 2 s).
@@ -278,12 +278,12 @@ class _Counting:
 
     def __init__(self, shape):
         self.shape = shape
-        self.gen = torch.Generator().manual_seed(123)
+        self.rng = torch.Generator().manual_seed(123)
         self.draws: list[torch.Tensor] = []
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def noise(self):
-        eps = torch.randn(*self.shape, generator=self.gen, dtype=torch.float64)
+        eps = torch.randn(*self.shape, generator=self.rng, dtype=torch.float64)
         self.draws.append(eps)
         return eps
 

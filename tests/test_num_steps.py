@@ -123,11 +123,11 @@ def test_four_steps_are_the_default_anchors():
 def test_isg_mid_points_stay_inside_every_segment(family, n):
     sigmas = flow.append_zero(family.anchors((128, 128), n))
     check_segments(family, sigmas)
-    gen = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(0)
     for i in range(n):
         cur = sigmas[i].expand(256)
         nxt = sigmas[i + 1].expand(256)
-        mid = family.isg_mid_sigma(cur, nxt, gen)
+        mid = family.isg_mid_sigma(cur, nxt, rng)
         # Strictly inside, at least a margin away from both ends on the family's index grid.
         assert (mid < cur).all() and (mid > nxt).all()
         m_idx = family.sigma_to_index(mid)
@@ -207,7 +207,7 @@ def test_num_steps_student_exports_and_reproduces_the_sampler(trained, tmp_path)
     from diffusers import DiffusionPipeline
 
     from senseflow_algos.export import EXPORT_INFO, export_pipeline, pipeline_call_kwargs
-    from senseflow_algos.sampling import sample, seeded_default_generator
+    from senseflow_algos.sampling import sample, seeded_default_rng
 
     family, n, model, _ = trained
     assert model.num_anchors == n and len(model.sigmas) == n + 1
@@ -217,10 +217,10 @@ def test_num_steps_student_exports_and_reproduces_the_sampler(trained, tmp_path)
     assert info['sigmas'] == [float(s) for s in model.sigmas]
     # The pipeline's pre-shift sigmas are the uniform times [1, .., 1/n] (written to 6 digits).
     np.testing.assert_allclose(info['call_kwargs']['sigmas'], np.linspace(1.0, 1 / n, n), atol=1e-6, rtol=0)
-    ours = sample(model, PROMPTS, generator=seeded_default_generator(0)).images
+    ours = sample(model, PROMPTS, rng=seeded_default_rng(0)).images
     pipe = DiffusionPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(PROMPTS, generator=seeded_default_generator(0), output_type='pt',
+    theirs = pipe(PROMPTS, generator=seeded_default_rng(0), output_type='pt',
                   **pipeline_call_kwargs(out)).images
     np.testing.assert_allclose(pipe.scheduler.sigmas.double().numpy(), model.sigmas.numpy(), atol=1e-6, rtol=0)
     diff = (ours - theirs).abs().max().item()
@@ -234,7 +234,7 @@ def test_num_steps_checkpoint_exports_through_export_py(trained, tmp_path):
     from diffusers import DiffusionPipeline
 
     from senseflow_algos.export import EXPORT_INFO, main, pipeline_call_kwargs
-    from senseflow_algos.sampling import sample, seeded_default_generator
+    from senseflow_algos.sampling import sample, seeded_default_rng
 
     family, n, model, folder = trained
     assert main([str(folder), str(tmp_path / 'export'), '--no-bare']) == 0
@@ -243,9 +243,9 @@ def test_num_steps_checkpoint_exports_through_export_py(trained, tmp_path):
     assert info['num_steps'] == n and info['sigmas'] == [float(s) for s in model.sigmas]
     pipe = DiffusionPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(PROMPTS, generator=seeded_default_generator(0), output_type='pt',
+    theirs = pipe(PROMPTS, generator=seeded_default_rng(0), output_type='pt',
                   **pipeline_call_kwargs(out)).images
-    ours = sample(model, PROMPTS, generator=seeded_default_generator(0)).images
+    ours = sample(model, PROMPTS, rng=seeded_default_rng(0)).images
     diff = (ours - theirs).abs().max().item()
     print(f'{family} {n}-step via export.py: max |exported - in-repo| = {diff:.3g}')
     assert diff <= 1e-5

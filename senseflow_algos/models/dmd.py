@@ -44,10 +44,10 @@ CONDITIONING_KEYS = ('prompt_embeds', 'pooled_prompt_embeds', 'negative_prompt_e
                      'negative_pooled_prompt_embeds')
 
 
-def sample_uniform(bounds: Sequence[float], n: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` draws from U(lo, hi) (float32, on the generator's device); ``lo == hi`` gives a constant."""
+def sample_uniform(bounds: Sequence[float], n: int, rng: torch.Generator) -> torch.Tensor:
+    """``n`` draws from U(lo, hi) (float32, on ``rng``'s device); ``lo == hi`` gives a constant."""
     lo, hi = float(bounds[0]), float(bounds[1])
-    return lo + (hi - lo) * torch.rand(n, generator=generator, device=generator.device)
+    return lo + (hi - lo) * torch.rand(n, generator=rng, device=rng.device)
 
 
 def _stream_seed(*parts: Any) -> int:
@@ -191,9 +191,9 @@ class DMDModel(ComposerModel):
         key = (purpose, per_rank)
         if key not in self._streams:
             rank = dist.get_global_rank() if per_rank else -1
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(_stream_seed(self.seed, rank, int(self.batches_seen), purpose))
-            self._streams[key] = gen
+            rng = torch.Generator(device=self.device)
+            rng.manual_seed(_stream_seed(self.seed, rank, int(self.batches_seen), purpose))
+            self._streams[key] = rng
         return self._streams[key]
 
     # -- data ---------------------------------------------------------------------------------------------------------
@@ -348,22 +348,22 @@ class DMDModel(ComposerModel):
 
     def dmd_loss(self, x0: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """DMD loss: noise x0 to a fresh sigma; teacher (guided) and fake score (unguided) denoise it."""
-        gen = self.rng('dmd')
+        rng = self.rng('dmd')
         n = x0.shape[0]
-        sigma = self.family.dmd_sigma(n, gen, device=self.device).float()
+        sigma = self.family.dmd_sigma(n, rng, device=self.device).float()
         with torch.no_grad():
-            x_t = flow.add_noise(x0.detach(), flow.sample_noise(x0.shape, gen, device=self.device), sigma)
-            guidance = sample_uniform(self.dmd_guidance, n, gen)
+            x_t = flow.add_noise(x0.detach(), flow.sample_noise(x0.shape, rng, device=self.device), sigma)
+            guidance = sample_uniform(self.dmd_guidance, n, rng)
             x0_real = flow.x0_from_velocity(x_t, self.family.velocity(self.teacher, x_t, sigma, cond, guidance), sigma)
             x0_fake = flow.x0_from_velocity(x_t, self.family.velocity(self.fake_score, x_t, sigma, cond), sigma)
         return flow.dmd_loss(x0, x0_real, x0_fake)
 
     def fake_score_loss(self, x0: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Flow matching of the fake score on the detached generator sample (logit-normal sigma, weight 1)."""
-        gen = self.rng('fake_score')
+        rng = self.rng('fake_score')
         x0 = x0.detach()
-        sigma = self.family.fake_sigma(x0.shape[0], gen, device=self.device).float()
-        noise = flow.sample_noise(x0.shape, gen, device=self.device)
+        sigma = self.family.fake_score_sigma(x0.shape[0], rng, device=self.device).float()
+        noise = flow.sample_noise(x0.shape, rng, device=self.device)
         v = self.family.velocity(self.fake_score, flow.add_noise(x0, noise, sigma), sigma, cond)
         return torch.nn.functional.mse_loss(v, noise - x0)
 

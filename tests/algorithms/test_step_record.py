@@ -35,13 +35,13 @@ def test_algorithms_receive_a_generator_step_and_the_phase_enum(algo_trainer):
         assert isinstance(phase, TrainingPhase) and isinstance(step, GeneratorStep)
         assert step.phase is phase
         assert set(scratch) >= {REFERENCE_KEY}
-    (_, gen, gen_scratch, _), (_, crit, crit_scratch, _), (_, alone, alone_scratch, _) = recs
+    (_, gen_step, gen_scratch, _), (_, crit, crit_scratch, _), (_, alone, alone_scratch, _) = recs
     # Generator phase: gradient through the sample and its decoded pixels.
-    assert gen.x0.requires_grad and gen.velocity.requires_grad and not gen.x_t.requires_grad
+    assert gen_step.x0.requires_grad and gen_step.velocity.requires_grad and not gen_step.x_t.requires_grad
     assert gen_scratch[PIXELS_KEY].requires_grad
     # Critic phase of the same batch: the detached copy of that step, carrying the scratch entries over.
-    assert crit is not gen and not crit.x0.requires_grad and torch.equal(crit.x0, gen.x0)
-    assert crit.backward_simulation == gen.backward_simulation and torch.equal(crit.anchor_index, gen.anchor_index)
+    assert crit is not gen_step and not crit.x0.requires_grad and torch.equal(crit.x0, gen_step.x0)
+    assert crit.backward_simulation == gen_step.backward_simulation and torch.equal(crit.anchor_index, gen_step.anchor_index)
     assert crit_scratch[REFERENCE_KEY] is gen_scratch[REFERENCE_KEY]  # the reference features are computed once
     assert not crit_scratch[PIXELS_KEY].requires_grad and torch.equal(crit_scratch[PIXELS_KEY],
                                                                       gen_scratch[PIXELS_KEY])

@@ -131,9 +131,9 @@ class IntraSegmentGuidance(Algorithm):
         x, v, cond = step.x_t, step.velocity, step.cond
         sigma, sigma_next = step.sigma, step.sigma_next
         family = model.family
-        gen = model.rng('isg')
-        sigma_mid = family.isg_mid_sigma(sigma.double(), sigma_next.double(), gen, self.margin).float()
-        guidance = sample_uniform(self.guidance or DEFAULT_ISG_GUIDANCE[family.name], x.shape[0], gen)
+        rng = model.rng('isg')
+        sigma_mid = family.isg_mid_sigma(sigma.double(), sigma_next.double(), rng, self.margin).float()
+        guidance = sample_uniform(self.guidance or DEFAULT_ISG_GUIDANCE[family.name], x.shape[0], rng)
         target = isg_target(lambda y, s: family.velocity(model.teacher, y, s, cond, guidance),
                             lambda y, s: family.velocity(model.generator, y, s, cond), x, sigma, sigma_mid, sigma_next)
         loss = isg_loss(x, v, sigma, sigma_next, target, self.loss_type, self.charbonnier_c)

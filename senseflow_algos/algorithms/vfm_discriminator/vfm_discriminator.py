@@ -35,7 +35,7 @@ REFERENCE_KEY, PIXELS_KEY = 'vfm_reference', 'vfm_pixels'
 
 def discriminator_logits(backbone: VFMBackbone, heads: VFMDiscriminatorHeads, images: torch.Tensor,
                          text: torch.Tensor, ref_features: Sequence[torch.Tensor], augment: Optional[str] = None,
-                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                         rng: Optional[torch.Generator] = None) -> torch.Tensor:
     """Logits ``(B, N)`` of the heads for ``images`` in [-1, 1], conditioned on ``text`` and reference features.
 
     ``images`` are DiffAugmented (if ``augment`` is a policy) and keep their gradient path through the frozen
@@ -43,7 +43,7 @@ def discriminator_logits(backbone: VFMBackbone, heads: VFMDiscriminatorHeads, im
     without gradient or augmentation (:func:`reference_features`).
     """
     if augment:
-        images = diff_augment(images, augment, generator=generator)
+        images = diff_augment(images, augment, rng=rng)
     return heads(backbone(images), text, ref_features)
 
 
@@ -176,9 +176,9 @@ class VFMDiscriminator(Algorithm):
         else:
             with torch.no_grad():
                 pixels = model.family.decode_latents(model.vae, step.x0.detach())
-        gen = model.rng('vfm_discriminator')
-        logits_fake = discriminator_logits(backbone, heads, pixels, text, ref, self.augment, gen)
-        logits_real = discriminator_logits(backbone, heads, real, text, ref, self.augment, gen)
+        rng = model.rng('vfm_discriminator')
+        logits_fake = discriminator_logits(backbone, heads, pixels, text, ref, self.augment, rng)
+        logits_real = discriminator_logits(backbone, heads, real, text, ref, self.augment, rng)
         model.add_loss_term(state.loss, 'discriminator/hinge', hinge_d_loss(logits_real, logits_fake, weight))
         return None
 

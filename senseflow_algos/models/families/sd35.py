@@ -167,13 +167,13 @@ class SD35Family(ModelFamily):
     def sigma_to_index(self, sigma):
         return torch.round(flow.unshift_sigma(sigma, self.shift) * 1000 - 1).clamp_min(0)
 
-    def dmd_sigma(self, n, generator, device=None):
+    def dmd_sigma(self, n, rng, device=None):
         lo, hi = self.dmd_index_range
-        idx = torch.randint(lo, hi + 1, (n,), generator=generator, device=device)
+        idx = torch.randint(lo, hi + 1, (n,), generator=rng, device=device)
         return self.index_to_sigma(idx)
 
-    def fake_sigma(self, n, generator, device=None):
-        return flow.shift_sigma(flow.sample_logit_normal(n, generator, device=device), self.shift)
+    def fake_score_sigma(self, n, rng, device=None):
+        return flow.shift_sigma(flow.sample_logit_normal(n, rng, device=device), self.shift)
 
     def _adversarial_weight(self, sigma):
         # scheduler_sigma_squared: the scheduler's sigmas run from noise to clean (sigmas[i] = index_to_sigma(999 - i))
