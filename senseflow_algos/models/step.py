@@ -69,6 +69,12 @@ class GeneratorStep:
         """A copy for ``phase`` whose tensors (and tensor scratch entries) are detached from the autograd graph.
 
         :attr:`cond` and non-tensor scratch entries are shared, not copied; the scratch dict itself is a new one.
+
+        Args:
+            phase (TrainingPhase): Phase of the copy. Default: :attr:`TrainingPhase.CRITIC`.
+
+        Returns:
+            GeneratorStep: The detached copy.
         """
         def detach(value: Any) -> Any:
             return value.detach() if torch.is_tensor(value) else value
