@@ -111,7 +111,7 @@ def make_run(folder: Path, pipeline: Path) -> dict:
     student = without_guidance_embedding(teacher, torch.float32)
     del teacher
     model = {f'{net}.{k}': v.clone() for net in ('generator', 'fake_score') for k, v in student.state_dict().items()}
-    model['ttur_step'] = torch.tensor(1)
+    model['batches_seen'] = torch.tensor(1)
     torch.save({'state': {'model': model, 'run_name': 'export-memory'}}, folder / 'ep0-ba1-rank0.pt')
     dcp.save({'state': {'model': model}}, checkpoint_id=str(folder / 'ep0-ba2'), no_dist=True)
     return {'checkpoint_bytes': (folder / 'ep0-ba1-rank0.pt').stat().st_size}

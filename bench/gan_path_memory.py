@@ -181,12 +181,12 @@ class GanPath:
                     hooks.append(m.register_forward_hook(
                         lambda mod, a, o, s=start, k=kind: unit_bytes[k].append(meter.total - s['n'])))
         x0 = inputs['x0'].clone().requires_grad_(True)
-        gen = torch.Generator(self.device).manual_seed(1) if self.device.type == 'cpu' else None
+        rng = torch.Generator(self.device).manual_seed(1) if self.device.type == 'cpu' else None
         with fused_attention(), CppSizeOneStrides(), meter.measuring():
             meter.stage = 'vae_decode'
             pixels = self.family.decode_latents(self.vae, x0)  # fp32 pixels, as in training
             meter.stage = 'augment'
-            images = diff_augment(pixels, self.augment, generator=gen)
+            images = diff_augment(pixels, self.augment, rng=rng)
             meter.stage = 'backbone'
             feats = self.backbone(images)
             meter.stage = 'heads'

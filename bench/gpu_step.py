@@ -62,7 +62,7 @@ class PhaseTimer(Callback):
             self._start = time.perf_counter()
         elif event == Event.AFTER_TRAIN_BATCH:
             self.sync()
-            self.times[state.model.phase].append(time.perf_counter() - self._start)
+            self.times[state.model.phase.value].append(time.perf_counter() - self._start)
         elif event == Event.BATCH_END:
             self.sync()
             self.times['batch'].append(time.perf_counter() - self._batch)

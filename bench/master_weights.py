@@ -124,9 +124,9 @@ def main(argv=None) -> None:
     for steps in args.steps:
         totals = {case: {'moved': 0.0, 'error': 0.0, 'taken': 0.0} for case in CASES}
         for seed in range(args.seeds):
-            gen = torch.Generator().manual_seed(seed)
-            theta0 = torch.randn(N, generator=gen) * 0.02
-            grads = [torch.randn(N, generator=gen) for _ in range(steps)]
+            rng = torch.Generator().manual_seed(seed)
+            theta0 = torch.randn(N, generator=rng) * 0.02
+            grads = [torch.randn(N, generator=rng) for _ in range(steps)]
             for case in CASES:
                 for key, value in measure(*train(case, theta0, grads), grads).items():
                     totals[case][key] += value / args.seeds

@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from senseflow_algos.builders import build_trainer  # noqa: E402
 from senseflow_algos.config import load_config  # noqa: E402
+from senseflow_algos.optim import TrainingPhase  # noqa: E402
 
 GEN_EVERY = 5
 
@@ -54,10 +55,10 @@ class PassCounter(Callback):
         return hook
 
     def run_event(self, event, state, logger):
-        if event == Event.AFTER_FORWARD and state.outputs is not None and state.model.phase == 'generator' or (
+        if event == Event.AFTER_FORWARD and state.outputs is not None and state.model.phase is TrainingPhase.GENERATOR or (
                 event == Event.AFTER_FORWARD and not state.model.is_generator_batch()):
-            out = state.outputs
-            self.draws.append((bool(out['backward_simulation']), int(out['anchor_index'][0])))
+            step = state.outputs
+            self.draws.append((bool(step.backward_simulation), int(step.anchor_index[0])))
 
 
 def minimum_passes(draws: list[tuple[bool, int]], precomputed: bool) -> dict[str, tuple[int, int]]:

@@ -12,11 +12,17 @@ reading the weights, and raises :class:`CheckpointError` naming the file and wha
 ``trainer.load_path`` is loaded and before an export. :func:`skip_unreadable_latest` makes ``trainer.autoresume``
 survive an unreadable newest checkpoint (a disk fault, a copy cut short): it moves it aside and re-points ``latest`` at
 the newest readable one, saying which it skipped.
+
+Renamed keys: unsharded checkpoints written before a model key was renamed load as they are (the model renames the
+key as it loads, see :data:`senseflow_algos.models.dmd.LEGACY_KEYS`); a sharded one is migrated once, in place, by
+:func:`migrate_sharded_checkpoint`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import pickle
 import re
 import tempfile
 import zipfile
@@ -27,7 +33,8 @@ import composer.utils.checkpoint as composer_checkpoint
 
 __all__ = [
     'CheckpointError', 'SHARDED_METADATA', 'UNREADABLE_SUFFIX', 'install_atomic_checkpoint_writes', 'checkpoint_kind',
-    'check_checkpoint', 'load_composer_file', 'checkpoint_batch', 'skip_unreadable_latest', 'check_before_load'
+    'check_checkpoint', 'load_composer_file', 'checkpoint_batch', 'skip_unreadable_latest', 'check_before_load',
+    'migrate_sharded_checkpoint'
 ]
 
 #: The metadata file torch.distributed.checkpoint writes (last) into a sharded checkpoint folder.
@@ -307,6 +314,83 @@ def check_before_load(trainer_cfg: dict[str, Any], run_name: Optional[str], rank
     load_path = trainer_cfg.get('load_path')
     if load_path and not resuming and '://' not in str(load_path):
         try:
-            check_checkpoint(load_path)
+            kind = check_checkpoint(load_path)
         except CheckpointError as e:
             raise CheckpointError(f'trainer.load_path: {e}') from None
+        if kind == 'sharded' and _legacy_sharded_keys(Path(load_path)):
+            raise CheckpointError(
+                f'trainer.load_path: the sharded checkpoint {load_path} was written before model keys were renamed '
+                f'({", ".join(_legacy_sharded_keys(Path(load_path)))}); migrate it once with: python -c "from '
+                f"senseflow_algos.checkpointing import migrate_sharded_checkpoint as m; m('{load_path}')\"")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Renamed keys
+
+
+def migrate_sharded_checkpoint(path: str | Path, renames: Optional[dict[str, str]] = None) -> list[str]:
+    """Rename the model keys of a sharded checkpoint written before they were renamed, in place (idempotent).
+
+    torch.distributed.checkpoint loads a sharded checkpoint by the current model's key names, so a key that has since
+    been renamed (the batch counter ``ttur_step``, now ``batches_seen``) is missing from it. This rewrites the names in
+    the folder's ``.metadata`` (the shards are left as they are); run it once per checkpoint before resuming::
+
+        python -c "from senseflow_algos.checkpointing import migrate_sharded_checkpoint as m; m('runs/x/ep0-ba4')"
+
+    Unsharded ``.pt`` checkpoints need no migration: the model renames their old keys as it loads them.
+
+    Args:
+        path: The sharded checkpoint folder (holding ``.metadata``).
+        renames: Old -> new name of the last key component under the model's state. Default:
+            :data:`senseflow_algos.models.dmd.LEGACY_KEYS`.
+
+    Returns:
+        list[str]: The flattened keys renamed (empty if the checkpoint was already current).
+
+    Raises:
+        CheckpointError: If ``path`` is not a sharded checkpoint.
+    """
+    if renames is None:
+        from senseflow_algos.models.dmd import LEGACY_KEYS
+
+        renames = LEGACY_KEYS
+    path = Path(path)
+    if checkpoint_kind(path) != 'sharded':
+        raise CheckpointError(f'{path} is not a sharded checkpoint folder; unsharded checkpoints load without migration')
+    with open(path / SHARDED_METADATA, 'rb') as f:
+        metadata = pickle.load(f)
+    renamed = _renamer(renames)
+    old = [fqn for fqn in metadata.state_dict_metadata if renamed(fqn) != fqn]
+    if not old:
+        return []
+    metadata.state_dict_metadata = {renamed(k): v for k, v in metadata.state_dict_metadata.items()}
+    metadata.storage_data = {dataclasses.replace(k, fqn=renamed(k.fqn)): v for k, v in metadata.storage_data.items()}
+    if isinstance(metadata.planner_data, dict):  # DefaultSavePlanner: flattened key -> path in the nested state dict
+        metadata.planner_data = {
+            renamed(k): (*v[:-1], renames[v[-1]]) if renamed(k) != k else v for k, v in metadata.planner_data.items()}
+    fd, tmp = tempfile.mkstemp(prefix='.partial-', dir=path)
+    with os.fdopen(fd, 'wb') as f:
+        pickle.dump(metadata, f)
+    os.replace(tmp, path / SHARDED_METADATA)
+    return old
+
+
+def _renamer(renames: dict[str, str]) -> Callable[[str], str]:
+    """Flattened checkpoint key -> its current name (model keys whose last component was renamed)."""
+    def renamed(fqn: str) -> str:
+        head, _, last = fqn.rpartition('.')
+        if head.split('.')[:2] == ['state', 'model'] and last in renames:
+            return f'{head}.{renames[last]}'
+        return fqn
+
+    return renamed
+
+
+def _legacy_sharded_keys(path: Path) -> list[str]:
+    """Keys of the sharded checkpoint ``path`` that :func:`migrate_sharded_checkpoint` would rename."""
+    from senseflow_algos.models.dmd import LEGACY_KEYS
+
+    with open(path / SHARDED_METADATA, 'rb') as f:
+        metadata = pickle.load(f)
+    renamed = _renamer(LEGACY_KEYS)
+    return [fqn for fqn in metadata.state_dict_metadata if renamed(fqn) != fqn]

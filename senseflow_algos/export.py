@@ -17,7 +17,7 @@ pass ``sigmas=`` (written to ``senseflow_export.json``) and ``guidance_scale=1``
 
 Randomness: the pipeline draws its initial noise from ``generator`` but the scheduler's re-noise noise from the
 device's global RNG (``step`` is called without a generator); pass
-:func:`senseflow_algos.sampling.seeded_default_generator` to both to get identical samples.
+:func:`senseflow_algos.sampling.seeded_default_rng` to both to get identical samples.
 
 Command line: ``python export.py <run folder | checkpoint | object-store URI> <out folder> [--config yamls/x.yaml
 overrides...]``; the checkpoint is read by :mod:`senseflow_algos.restore` (unsharded ``.pt``, FSDP1 / FSDP2 sharded
@@ -249,7 +249,7 @@ def export_pipeline(model: 'DMDModel', out: str | Path, method: str = 'renoise',
         'lora': lora,
         'source': source,
         'notes': ('Re-noise noise comes from the global RNG of the device (the scheduler step is called without a '
-                  'generator): pass senseflow_algos.sampling.seeded_default_generator(seed) as generator= to match '
+                  'generator): pass senseflow_algos.sampling.seeded_default_rng(seed) as generator= to match '
                   'the in-repo sampler exactly. At a resolution other than the one trained, FLUX shifts the anchors '
                   'by its resolution rule.'),
     }
@@ -320,7 +320,7 @@ def sampling_components_from_pipeline(pipe, info: dict[str, Any]) -> SamplingCom
         pipe: The pipeline from ``DiffusionPipeline.from_pretrained(folder)``.
         info (dict): :func:`load_export_info` of that folder.
     """
-    from senseflow_algos.models.families import FluxConditioner, SD3Conditioner, get_family
+    from senseflow_algos.models.families import FluxConditioner, SD35Conditioner, get_family
 
     name = info['family']
     max_len = int(info['call_kwargs'].get('max_sequence_length', 512))
@@ -328,7 +328,7 @@ def sampling_components_from_pipeline(pipe, info: dict[str, Any]) -> SamplingCom
         conditioner = FluxConditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
                                       max_sequence_length=max_len)
     elif name == 'sd35':
-        conditioner = SD3Conditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
+        conditioner = SD35Conditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
                                      pipe.text_encoder_3, pipe.tokenizer_3, max_sequence_length=max_len)
     else:
         raise ExportError(f'{EXPORT_INFO}: family={name!r} is not known; known: {sorted(PIPELINE_CLASSES)}')
@@ -370,5 +370,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     call = pipeline_call_kwargs(folder)
     print(f'exported to {folder}\n'
           f'  pipe = DiffusionPipeline.from_pretrained({str(folder)!r})\n'
-          f'  pipe(prompt, generator=seeded_default_generator(0), **{call})')
+          f'  pipe(prompt, generator=seeded_default_rng(0), **{call})')
     return 0

@@ -6,7 +6,7 @@ Notation (rectified flow, as FLUX and SD3 use it)::
     v   = eps - x0                      the network predicts v
     x0  = x_t - s * v
 
-Every function here is pure: no module state, randomness only through an explicit ``torch.Generator``.
+Every function here is pure: no module state, randomness only through an explicit ``torch.Generator`` (``rng``).
 """
 
 from __future__ import annotations
@@ -171,10 +171,10 @@ def renoise_step(x: torch.Tensor, v: torch.Tensor, sigma_from: torch.Tensor | fl
     return add_noise(x0_from_velocity(x, v, sigma_from), noise, sigma_to)
 
 
-def sample_noise(shape: Sequence[int], generator: Optional[torch.Generator], device=None,
+def sample_noise(shape: Sequence[int], rng: Optional[torch.Generator], device=None,
                  dtype=torch.float32) -> torch.Tensor:
-    """Standard normal noise drawn from ``generator``."""
-    return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+    """Standard normal noise drawn from ``rng``."""
+    return torch.randn(*shape, generator=rng, device=device, dtype=dtype)
 
 
 def backward_simulation(velocity_fn: VelocityFn, noise_fn: Callable[[], torch.Tensor], anchors: torch.Tensor,
@@ -199,10 +199,10 @@ def backward_simulation(velocity_fn: VelocityFn, noise_fn: Callable[[], torch.Te
     return x
 
 
-def sample_logit_normal(n: int, generator: Optional[torch.Generator], mean: float = 0.0, std: float = 1.0,
+def sample_logit_normal(n: int, rng: Optional[torch.Generator], mean: float = 0.0, std: float = 1.0,
                         device=None) -> torch.Tensor:
     """``sigmoid(N(mean, std))``: SD3's logit-normal timestep density, on [0, 1] (float64 on ``device``)."""
-    return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device, dtype=torch.float64))
+    return torch.sigmoid(mean + std * torch.randn(n, generator=rng, device=device, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ away every step below half a bf16 spacing (8e-5 at a weight of 0.02, against lr 
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 import math
@@ -25,7 +26,7 @@ import torch
 
 from senseflow_algos.checks.trained_precision import LOW_PRECISION_REASON
 from senseflow_algos.stochastic_rounding import (
-    DeviceGenerators,
+    DeviceRngs,
     copy_stochastic_,
     draw_seed,
     is_low_precision,
@@ -34,16 +35,36 @@ from senseflow_algos.stochastic_rounding import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ['Phase', 'PhaseController', 'PhasedOptimizerMixin', 'PhasedAdamW', 'LowPrecisionAdamW', 'ROLES',
+__all__ = ['TrainingPhase', 'Phase', 'PhaseController', 'PhasedOptimizerMixin', 'PhasedAdamW', 'LowPrecisionAdamW', 'ROLES',
            'NonFiniteGradientError', 'LOW_PRECISION_REASON']
 
 #: Roles a param group may carry.
 ROLES = ('generator', 'fake_score', 'discriminator')
 
 
+class TrainingPhase(enum.Enum):
+    """The phases of a DMD training batch (TTUR): which networks one closure pass trains.
+
+    ``str(phase)`` is its lower-case value (``generator``, ``critic``), as in logs and error messages.
+    """
+
+    #: The generator (student) steps on the DMD loss and the generator terms of the algorithms.
+    GENERATOR = 'generator'
+    #: The fake score (and the discriminator heads, if any) step on the detached generator sample.
+    CRITIC = 'critic'
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class Phase(NamedTuple):
-    """One closure pass of a training batch and the param-group roles it updates."""
-    name: str
+    """One closure pass of a training batch and the param-group roles it updates.
+
+    Attributes:
+        kind (TrainingPhase): Which phase this is; the controller sets its own phase from it (``model.phase``).
+        roles (tuple[str, ...]): Roles (:data:`ROLES`) of the param groups this phase updates.
+    """
+    kind: TrainingPhase
     roles: tuple[str, ...]
 
 
@@ -165,12 +186,12 @@ class PhasedOptimizerMixin:
             return True
         if self.on_nonfinite == 'stop':
             raise NonFiniteGradientError(
-                f'non-finite gradient in the {phase.name} phase (roles {list(phase.roles)}); no weight was updated. '
+                f'non-finite gradient in the {phase.kind} phase (roles {list(phase.roles)}); no weight was updated. '
                 "Set optimizer.on_nonfinite=skip to skip such updates instead.")
         for p in params:
             p.grad = None
         self.param_groups[0]['nonfinite_skips'] = self.param_groups[0].get('nonfinite_skips', 0) + 1
-        log.warning('skipped the %s update: non-finite gradient (%d skipped so far)', phase.name,
+        log.warning('skipped the %s update: non-finite gradient (%d skipped so far)', phase.kind,
                     self.param_groups[0]['nonfinite_skips'])
         return False
 
@@ -248,12 +269,12 @@ class LowPrecisionAdamW(torch.optim.AdamW):
         finally:
             for (_, p), grad in zip(low, grads):
                 p.grad = grad
-        generators = DeviceGenerators(self._rounding_seed())
+        rngs = DeviceRngs(self._rounding_seed())
         for group, p in low:
-            self._fp32_update(group, p, generators)
+            self._fp32_update(group, p, rngs)
         return loss
 
-    def _fp32_update(self, group: dict[str, Any], p: torch.Tensor, generators: DeviceGenerators) -> None:
+    def _fp32_update(self, group: dict[str, Any], p: torch.Tensor, rngs: DeviceRngs) -> None:
         """AdamW (torch's formula, single-tensor form) in fp32 on ``p``'s local values; stochastic write-back."""
         state = self.state[p]
         if not state:
@@ -276,7 +297,7 @@ class LowPrecisionAdamW(torch.optim.AdamW):
             torch.maximum(second, exp_avg_sq, out=second)
         denom = (second.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
         weight.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
-        copy_stochastic_(p, weight, generators(weight.device))
+        copy_stochastic_(p, weight, rngs(weight.device))
 
 
 def _fp32_moments(p: torch.Tensor, amsgrad: bool) -> dict[str, torch.Tensor]:

@@ -11,10 +11,10 @@ All randomness comes from the ``torch.Generator`` passed in, in the order diffus
 noise first, then one fresh noise per step (the last one is multiplied by ``sigma = 0``). For FLUX the re-noise noise
 is drawn in the packed token layout that diffusers' scheduler sees, so a pipeline written by
 :mod:`senseflow_algos.export` reproduces these samples bit for bit when it draws from the same stream (see
-:func:`seeded_default_generator`).
+:func:`seeded_default_rng`).
 
 Example:
-    >>> out = sample(model, ['a red circle'], generator=torch.Generator().manual_seed(0))
+    >>> out = sample(model, ['a red circle'], rng=torch.Generator().manual_seed(0))
     >>> out.images.shape  # (1, 3, H, W) in [0, 1]
 """
 
@@ -37,13 +37,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     'METHODS',
-    'GeneratorLike',
+    'RngLike',
     'SampleOutput',
     'SamplingComponents',
     'draw_noise',
     'run_sampler',
     'sample',
-    'seeded_default_generator',
+    'seeded_default_rng',
     'latents_to_images',
     'images_to_pil',
 ]
@@ -52,7 +52,7 @@ __all__ = [
 METHODS = ('renoise', 'euler')
 
 #: One ``torch.Generator`` for the whole batch, one per sample (as diffusers accepts), or ``None`` (global RNG).
-GeneratorLike = Union[None, torch.Generator, Sequence[torch.Generator]]
+RngLike = Union[None, torch.Generator, Sequence[torch.Generator]]
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[], torch.Tensor]
@@ -126,38 +126,38 @@ def _check_method(method: str) -> None:
         raise ValueError(f'sampler method={method!r} is not known; choose one of {list(METHODS)}')
 
 
-def draw_noise(shape: Sequence[int], generator: GeneratorLike, device=None,
+def draw_noise(shape: Sequence[int], rng: RngLike, device=None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Standard normal noise of ``shape`` drawn the way diffusers' ``randn_tensor`` draws it.
 
-    A CPU generator draws on the CPU and the result moves to ``device``; a list of generators draws sample ``i`` of
-    the batch from generator ``i``.
+    A CPU ``rng`` draws on the CPU and the result moves to ``device``; a list of ``torch.Generator`` streams draws
+    sample ``i`` of the batch from stream ``i``.
 
     Args:
         shape: ``(B, ...)``.
-        generator: ``None`` (global RNG of ``device``), one generator, or one per sample.
-        device: Where the noise ends up. Default: the generator's device (CPU).
+        rng: ``None`` (global RNG of ``device``), one ``torch.Generator``, or one per sample.
+        device: Where the noise ends up. Default: ``rng``'s device (CPU).
         dtype: Noise dtype. Default: float32.
     """
     device = torch.device(device) if device is not None else None
-    if generator is None or isinstance(generator, torch.Generator):
-        draw_on = generator.device if generator is not None else device
-        return flow.sample_noise(shape, generator, device=draw_on, dtype=dtype).to(device or draw_on)
-    gens = list(generator)
-    if len(gens) != shape[0]:
-        raise ValueError(f'{len(gens)} generators were given for a batch of {shape[0]} samples; pass one per sample')
-    return torch.cat([draw_noise((1, *shape[1:]), g, device, dtype) for g in gens])
+    if rng is None or isinstance(rng, torch.Generator):
+        draw_on = rng.device if rng is not None else device
+        return flow.sample_noise(shape, rng, device=draw_on, dtype=dtype).to(device or draw_on)
+    rngs = list(rng)
+    if len(rngs) != shape[0]:
+        raise ValueError(f'{len(rngs)} generators were given for a batch of {shape[0]} samples; pass one per sample')
+    return torch.cat([draw_noise((1, *shape[1:]), r, device, dtype) for r in rngs])
 
 
-def _renoise_noise_fn(family: ModelFamily, shape: Sequence[int], generator: GeneratorLike, device) -> NoiseFn:
+def _renoise_noise_fn(family: ModelFamily, shape: Sequence[int], rng: RngLike, device) -> NoiseFn:
     """Fresh noise for the re-noise steps, in the layout in which diffusers' scheduler draws it for ``family``."""
     from senseflow_algos.models.families.flux import FluxFamily, unpack_latents
 
     b, c, h, w = shape
     if isinstance(family, FluxFamily):
         # FluxPipeline's scheduler steps on packed (B, h/2 * w/2, 4C) tokens and draws its noise in that shape.
-        return lambda: unpack_latents(draw_noise((b, (h // 2) * (w // 2), 4 * c), generator, device), c, h, w)
-    return lambda: draw_noise(shape, generator, device)
+        return lambda: unpack_latents(draw_noise((b, (h // 2) * (w // 2), 4 * c), rng, device), c, h, w)
+    return lambda: draw_noise(shape, rng, device)
 
 
 def run_sampler(velocity_fn: VelocityFn, noise: torch.Tensor, sigmas: Sequence[float] | torch.Tensor,
@@ -209,7 +209,7 @@ def images_to_pil(images: torch.Tensor) -> list['Image.Image']:
     return [Image.fromarray(a) for a in arr]
 
 
-def seeded_default_generator(seed: int, device: str | torch.device = 'cpu') -> torch.Generator:
+def seeded_default_rng(seed: int, device: str | torch.device = 'cpu') -> torch.Generator:
     """The global (default) ``torch.Generator`` of ``device``, seeded with ``seed``.
 
     diffusers' pipelines draw the initial noise from the ``generator`` argument but the re-noise noise of
@@ -223,9 +223,9 @@ def seeded_default_generator(seed: int, device: str | torch.device = 'cpu') -> t
         return torch.manual_seed(seed)
     if device.type == 'cuda':
         index = device.index if device.index is not None else torch.cuda.current_device()
-        gen = torch.cuda.default_generators[index]
-        gen.manual_seed(seed)
-        return gen
+        rng = torch.cuda.default_generators[index]
+        rng.manual_seed(seed)
+        return rng
     raise ValueError(f'no default generator for device {device}; use a cpu or cuda device')
 
 
@@ -241,7 +241,7 @@ def _resolve(source: Union['DMDModel', SamplingComponents]) -> SamplingComponent
 
 @torch.no_grad()
 def sample(source: Union['DMDModel', SamplingComponents], prompts: Optional[Sequence[str]] = None, *,
-           cond: Optional[Conditioning] = None, generator: GeneratorLike = None, method: str = 'renoise',
+           cond: Optional[Conditioning] = None, rng: RngLike = None, method: str = 'renoise',
            decode: bool = True, progress: bool = False) -> SampleOutput:
     """Generate with the student in ``len(sigmas) - 1`` steps (``model.num_steps``), no classifier-free guidance.
 
@@ -251,7 +251,7 @@ def sample(source: Union['DMDModel', SamplingComponents], prompts: Optional[Sequ
             resolution)``).
         prompts: Text prompts, encoded with the conditioner. Give either ``prompts`` or ``cond``.
         cond (Conditioning, optional): Precomputed conditioning (``prompt_embeds``, ``pooled_prompt_embeds``, ...).
-        generator: ``torch.Generator`` (one stream for the batch), a list with one per sample, or ``None``. Initial
+        rng: ``torch.Generator`` (one stream for the batch), a list with one per sample, or ``None``. Initial
             noise is drawn first, then one fresh noise per step (re-noise sampler only).
         method (str): ``'renoise'`` (default) or ``'euler'``.
         decode (bool): Decode the latents to images with the VAE. Default: ``True``.
@@ -276,8 +276,8 @@ def sample(source: Union['DMDModel', SamplingComponents], prompts: Optional[Sequ
     device = param.device
     batch = cond['prompt_embeds'].shape[0]
     shape = (batch, *parts.latent_shape)
-    noise = draw_noise(shape, generator, device)
-    noise_fn = _renoise_noise_fn(parts.family, shape, generator, device) if method == 'renoise' else None
+    noise = draw_noise(shape, rng, device)
+    noise_fn = _renoise_noise_fn(parts.family, shape, rng, device) if method == 'renoise' else None
     was_training = parts.net.training
     parts.net.eval()
     try:

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 __all__ = ['LOW_PRECISION_DTYPES', 'is_low_precision', 'stochastic_round', 'copy_stochastic_', 'local_tensor',
-           'draw_seed', 'DeviceGenerators']
+           'draw_seed', 'DeviceRngs']
 
 #: Parameter dtypes whose updates need stochastic rounding to keep small steps.
 LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
@@ -45,8 +45,8 @@ def draw_seed(source: Optional[torch.Generator] = None) -> int:
     return int(torch.randint(0, 2**62, (), generator=source, device=device))
 
 
-class DeviceGenerators:
-    """Generators seeded with ``seed``, one per device, made on first use.
+class DeviceRngs:
+    """Random streams (``torch.Generator``) seeded with ``seed``, one per device, made on first use.
 
     Random bits are drawn on each tensor's own device (parameters may sit on the GPU or, offloaded, on the CPU while
     the caller's stream lives elsewhere); tensors visited in the same order get the same bits.
@@ -54,24 +54,24 @@ class DeviceGenerators:
 
     def __init__(self, seed: int):
         self.seed = seed
-        self._gens: dict[torch.device, torch.Generator] = {}
+        self._rngs: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, device: torch.device) -> torch.Generator:
         device = torch.device(device)
-        if device not in self._gens:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
-            self._gens[device] = gen
-        return self._gens[device]
+        if device not in self._rngs:
+            rng = torch.Generator(device=device)
+            rng.manual_seed(self.seed)
+            self._rngs[device] = rng
+        return self._rngs[device]
 
 
-def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, rng: Optional[torch.Generator] = None) -> torch.Tensor:
     """Round ``x`` to ``dtype`` (bf16 or fp16), up or down with probabilities given by the distance to each neighbour.
 
     Args:
         x (torch.Tensor): Values (computed in fp32; other float dtypes are converted to fp32 first).
         dtype (torch.dtype): ``torch.bfloat16`` or ``torch.float16``.
-        generator (torch.Generator, optional): Source of the random bits, on ``x``'s device. Default: torch's global
+        rng (torch.Generator, optional): Source of the random bits, on ``x``'s device. Default: torch's global
             generator.
 
     Returns:
@@ -81,7 +81,7 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: Optional[to
     x = x.float()
     if dtype == torch.bfloat16:
         bits = x.view(torch.int32)
-        noise = torch.randint(0, _LOW_16 + 1, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+        noise = torch.randint(0, _LOW_16 + 1, x.shape, dtype=torch.int32, device=x.device, generator=rng)
         rounded = ((bits + noise) & _HIGH_16).view(torch.float32)
         # A NaN's payload plus noise could carry into the sign bit; non-finite values keep their nearest rounding.
         return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)
@@ -96,14 +96,14 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: Optional[to
         away = torch.where(outward, bits + 1, bits - 1).view(torch.float16)
         # P(away) = |gap| / spacing; gap == 0 (exact values) never moves.
         prob = gap.abs() / (away.float() - near.float()).abs()
-        u = torch.rand(x.shape, dtype=torch.float32, device=x.device, generator=generator)
+        u = torch.rand(x.shape, dtype=torch.float32, device=x.device, generator=rng)
         out = torch.where(u < prob, away, near)
         return torch.where(torch.isfinite(near) & torch.isfinite(x), out, near)
     raise ValueError(f'stochastic rounding targets bfloat16 or float16, got {dtype}')
 
 
 @torch.no_grad()
-def copy_stochastic_(dst: torch.Tensor, src: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def copy_stochastic_(dst: torch.Tensor, src: torch.Tensor, rng: Optional[torch.Generator] = None) -> torch.Tensor:
     """Write fp32 ``src`` into low-precision ``dst`` in place, stochastically rounded (a plain copy for other dtypes).
 
     ``dst`` may be a parameter, an FSDP1 flat-parameter view or an FSDP2 ``DTensor`` (its local shard is written;
@@ -112,7 +112,7 @@ def copy_stochastic_(dst: torch.Tensor, src: torch.Tensor, generator: Optional[t
     target = local_tensor(dst)
     src = local_tensor(src)
     if is_low_precision(target):
-        target.copy_(stochastic_round(src, target.dtype, generator))
+        target.copy_(stochastic_round(src, target.dtype, rng))
     else:
         target.copy_(src)
     return dst

@@ -24,7 +24,7 @@ def _snapshot(module) -> dict[str, Any]:
 
 class Recorder:
     """A Composer callback (built lazily so conftest imports no Composer) recording each batch's logged losses,
-    ``ttur_step`` and, optionally, weight snapshots of the named DMD sub-networks at ``Event.BATCH_END``."""
+    ``batches_seen`` and, optionally, weight snapshots of the named DMD sub-networks at ``Event.BATCH_END``."""
 
     def __new__(cls, snapshot: tuple[str, ...] = ()):
         from composer.core import Callback
@@ -33,7 +33,7 @@ class Recorder:
 
             def __init__(self):
                 self.losses: list[dict[str, float]] = []
-                self.ttur_steps: list[int] = []
+                self.batches_seen_history: list[int] = []
                 self.snapshots: list[dict[str, dict[str, Any]]] = []
                 self.initial: dict[str, dict[str, Any]] = {}
 
@@ -42,7 +42,7 @@ class Recorder:
 
             def batch_end(self, state, logger):
                 self.losses.append({k: float(v) for k, v in state.total_loss_dict.items()})
-                self.ttur_steps.append(int(state.model.ttur_step))
+                self.batches_seen_history.append(int(state.model.batches_seen))
                 if snapshot:
                     self.snapshots.append({n: _snapshot(getattr(state.model, n)) for n in snapshot})
 

@@ -13,10 +13,10 @@ class Controller:
         return self.phases
 
     def begin_phase(self, phase):
-        self.log.append(('begin', phase.name))
+        self.log.append(('begin', phase.kind))
 
     def end_phase(self, phase):
-        self.log.append(('end', phase.name))
+        self.log.append(('end', phase.kind))
 
     def end_batch(self):
         self.log.append(('end_batch',))

@@ -127,7 +127,7 @@ def test_autoresume_skips_an_unreadable_newest_checkpoint(run, tmp_path, capsys)
     redone = _model(folder / 'ep0-ba2-rank0.pt')
     assert original.keys() == redone.keys()
     assert all(torch.equal(original[k], redone[k]) for k in original)
-    assert int(_model(folder / 'ep0-ba3-rank0.pt')['ttur_step']) == 3
+    assert int(_model(folder / 'ep0-ba3-rank0.pt')['batches_seen']) == 3
 
 
 def test_autoresume_with_nothing_readable_fails_naming_them(run, tmp_path):

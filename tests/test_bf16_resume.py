@@ -42,7 +42,7 @@ def test_bf16_stochastic_rounding_run_resumes_bit_identically(pipe, tmp_path, ma
     trainer, _ = make_trainer('tiny_flux', [*common, 'trainer.max_duration=4ba',
                                             f'trainer.load_path={tmp_path / "ep0-ba2-rank0.pt"}'])
     model = trainer.state.model
-    assert int(model.ttur_step) == 2
+    assert int(model.batches_seen) == 2
     opt = trainer.state.optimizers[0]
     loaded = [p for g in opt.param_groups if g['role'] == 'generator' for p in g['params']]
     assert {opt.state[p]['exp_avg'].dtype for p in loaded} == {torch.float32}, 'moments stay fp32 through a load'

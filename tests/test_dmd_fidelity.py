@@ -18,7 +18,7 @@ from composer.core import Event
 from senseflow_algos.algorithms import IntraSegmentGuidance
 from senseflow_algos.models.dmd import GENERATOR_PHASE
 from senseflow_algos.models.factory import build_dmd_model
-from senseflow_algos.models.families import FluxFamily, SD3Family
+from senseflow_algos.models.families import FluxFamily, SD35Family
 
 REPO = Path(__file__).resolve().parents[1]
 #: A KS distance this large has p < 1e-4 at the sample sizes used (critical value about 1.95 / sqrt(n)): generous for
@@ -170,9 +170,10 @@ def _passes(model, batches: int, n: int = 2, with_latents: bool = True, rank=Non
         monkeypatch.setattr('senseflow_algos.models.dmd.dist.get_global_rank', lambda: rank)
     outs = []
     for step in range(batches):
-        model.ttur_step.fill_(step)
+        model.batches_seen.fill_(step)
         out = model.generator_pass(batch, with_grad=False)
-        outs.append({k: out[k] for k in ('backward_simulation', 'anchor_index', 'sigma', 'sigma_next', 'x_t')})
+        outs.append(SimpleNamespace(**{k: getattr(out, k) for k in ('backward_simulation', 'anchor_index', 'sigma', 'sigma_next',
+                                                                      'x_t')}))
         model.end_batch()
     return outs
 
@@ -182,13 +183,13 @@ def test_backward_simulation_is_chosen_with_probability_backsim_prob(p):
     model = _input_model(backsim_prob=p)
     n_batches = 1500
     outs = _passes(model, n_batches)
-    count = sum(o['backward_simulation'] for o in outs)
+    count = sum(o.backward_simulation for o in outs)
     sd = math.sqrt(n_batches * p * (1 - p))
     assert abs(count - n_batches * p) < 4 * sd, (count, n_batches * p)
     # Backward simulation: one anchor for the whole batch; forward diffusion: one per sample. Both uniform over the 4.
-    shared = torch.tensor([int(o['anchor_index'][0]) for o in outs if o['backward_simulation']])
-    assert all(o['anchor_index'].unique().numel() == 1 for o in outs if o['backward_simulation'])
-    per_sample = torch.cat([o['anchor_index'] for o in outs if not o['backward_simulation']])
+    shared = torch.tensor([int(o.anchor_index[0]) for o in outs if o.backward_simulation])
+    assert all(o.anchor_index.unique().numel() == 1 for o in outs if o.backward_simulation)
+    per_sample = torch.cat([o.anchor_index for o in outs if not o.backward_simulation])
     for draws in (shared, per_sample):
         counts = torch.bincount(draws, minlength=4).double()
         expected = draws.numel() / 4
@@ -199,18 +200,18 @@ def test_backward_simulation_choice_and_anchor_are_shared_by_all_ranks(monkeypat
     model = _input_model()
     rank0 = _passes(model, 40, rank=0, monkeypatch=monkeypatch)
     rank1 = _passes(model, 40, rank=1, monkeypatch=monkeypatch)
-    assert [o['backward_simulation'] for o in rank0] == [o['backward_simulation'] for o in rank1]
-    assert 5 < sum(o['backward_simulation'] for o in rank0) < 35
+    assert [o.backward_simulation for o in rank0] == [o.backward_simulation for o in rank1]
+    assert 5 < sum(o.backward_simulation for o in rank0) < 35
     for a, b in zip(rank0, rank1):
-        if a['backward_simulation']:
-            assert torch.equal(a['anchor_index'], b['anchor_index'])
-        assert not torch.equal(a['x_t'], b['x_t'])  # each rank's own noise
+        if a.backward_simulation:
+            assert torch.equal(a.anchor_index, b.anchor_index)
+        assert not torch.equal(a.x_t, b.x_t)  # each rank's own noise
 
 
 def test_prompt_only_batches_always_backward_simulate():
     model = _input_model(backsim_prob=0.0)
-    assert all(o['backward_simulation'] for o in _passes(model, 50, with_latents=False))
-    assert not any(o['backward_simulation'] for o in _passes(model, 50))  # with latents, p = 0 means never
+    assert all(o.backward_simulation for o in _passes(model, 50, with_latents=False))
+    assert not any(o.backward_simulation for o in _passes(model, 50))  # with latents, p = 0 means never
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ def test_sigma_next_is_the_next_anchor_and_zero_after_the_last(family):
     model = _input_model(family, resolution=256 if family == 'flux' else 32)
     seen = set()
     for out in _passes(model, 60, n=4):
-        for s, s_next in zip(out['sigma'].tolist(), out['sigma_next'].tolist()):
+        for s, s_next in zip(out.sigma.tolist(), out.sigma_next.tolist()):
             anchor = min(NEXT_ANCHOR[family], key=lambda a: abs(a - s))
             assert abs(s - anchor) < 1e-3 and abs(s_next - NEXT_ANCHOR[family][anchor]) < 1e-3, (s, s_next)
             seen.add(anchor)
@@ -245,14 +246,14 @@ MID_RANGE = {
 
 @pytest.mark.parametrize('name', ['flux', 'sd35'])
 def test_isg_mid_sigma_ranges_from_the_notes(name):
-    family = {'flux': FluxFamily, 'sd35': SD3Family}[name]()
+    family = {'flux': FluxFamily, 'sd35': SD35Family}[name]()
     anchors = family.anchors((128, 128))
-    gen = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(0)
     for cur, (lo, hi) in MID_RANGE[name].items():
         i = min(range(4), key=lambda j: abs(float(anchors[j]) - cur))
         s_cur = torch.full((3000,), float(anchors[i]), dtype=torch.float64)
         s_next = torch.full((3000,), float(torch.cat([anchors, anchors.new_zeros(1)])[i + 1]), dtype=torch.float64)
-        mid = family.isg_mid_sigma(s_cur, s_next, gen)
+        mid = family.isg_mid_sigma(s_cur, s_next, rng)
         assert float(mid.min()) == pytest.approx(lo, abs=5e-4) and float(mid.max()) == pytest.approx(hi, abs=5e-4)
         grid = mid * 1000 if name == 'flux' else sd35_index_of(mid)
         assert (grid - grid.round()).abs().max() < 1e-6
@@ -277,7 +278,7 @@ def _isg_calls(model, algo, batches: int, n: int = 16) -> list[SimpleNamespace]:
         algo.apply(Event.AFTER_LOSS, state, None)
         teacher, generator = rec.calls
         assert (teacher.net, generator.net) == ('teacher', 'generator') and generator.guidance is None
-        calls.append(SimpleNamespace(sigma=out['sigma'], sigma_next=out['sigma_next'], teacher=teacher,
+        calls.append(SimpleNamespace(sigma=out.sigma, sigma_next=out.sigma_next, teacher=teacher,
                                      generator=generator))
         model.end_batch()
     return calls

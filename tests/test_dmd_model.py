@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from senseflow_algos.data import SyntheticCaptionedImages
+from senseflow_algos.models import GeneratorStep
 from senseflow_algos.models.dmd import CRITIC_PHASE, GENERATOR_PHASE, DMDModel
 from senseflow_algos.models.factory import build_dmd_model
-from senseflow_algos.optim import PhasedAdamW
+from senseflow_algos.optim import PhasedAdamW, TrainingPhase
 
 FROZEN = ('teacher', 'vae', 'conditioner')
 
@@ -68,7 +69,7 @@ def test_state_dict_drops_frozen(model):
     assert not [k for k in state if k.startswith(tuple(f'{n}.' for n in FROZEN))]
     gen_keys = {f'generator.{k}' for k in model.generator.state_dict()}
     fake_keys = {f'fake_score.{k}' for k in model.fake_score.state_dict()}
-    assert set(state) == gen_keys | fake_keys | {'ttur_step'}
+    assert set(state) == gen_keys | fake_keys | {'batches_seen'}
     result = model.load_state_dict(state, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
 
@@ -77,17 +78,60 @@ def test_load_state_dict_restores_trainable_weights():
     a = build_dmd_model(family='sd35', tiny=True, resolution=32, seed=0)
     b = build_dmd_model(family='sd35', tiny=True, resolution=32, seed=1)
     teacher_b = _snap(b.teacher)
-    b.ttur_step.fill_(7)
+    b.batches_seen.fill_(7)
     b.load_state_dict(a.state_dict(), strict=True)
     assert _equal_state(b.generator.state_dict(), a.generator.state_dict())
     assert _equal_state(b.fake_score.state_dict(), a.fake_score.state_dict())
-    assert int(b.ttur_step) == 0
+    assert int(b.batches_seen) == 0
     assert _equal_state(b.teacher.state_dict(), teacher_b)  # frozen nets are not touched by a load
     # strict loading still rejects a missing trainable key.
     broken = a.state_dict()
     broken.pop(next(k for k in broken if k.startswith('generator.')))
     with pytest.raises(RuntimeError, match='Missing key'):
         b.load_state_dict(broken, strict=True)
+
+
+def test_state_dict_with_the_old_batch_counter_key_loads():
+    """Checkpoints written before ``batches_seen`` was renamed hold ``ttur_step``: it loads, strictly, into
+    ``batches_seen`` (also under a prefix, as in a DDP-wrapped model)."""
+    a = build_dmd_model(family='sd35', tiny=True, resolution=32, seed=0)
+    b = build_dmd_model(family='sd35', tiny=True, resolution=32, seed=1)
+    old = a.state_dict()
+    del old['batches_seen']
+    old['ttur_step'] = torch.tensor(5)
+    result = b.load_state_dict(old, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert int(b.batches_seen) == 5 and 'ttur_step' in old  # the caller's dict is left as it was
+    assert _equal_state(b.generator.state_dict(), a.generator.state_dict())
+    wrapper = torch.nn.Module()
+    wrapper.module = b
+    wrapped = {f'module.{k}': v for k, v in old.items()}
+    wrapped['module.ttur_step'] = torch.tensor(9)
+    result = wrapper.load_state_dict(wrapped, strict=False)  # (the frozen-key allowance expects no prefix)
+    assert not result.unexpected_keys and 'module.batches_seen' not in result.missing_keys
+    assert int(b.batches_seen) == 9
+
+
+def test_phase_is_the_enum_and_the_step_a_record():
+    m = build_dmd_model(family='flux', tiny=True, resolution=32, seed=0)
+    assert m.phase is TrainingPhase.CRITIC
+    assert GENERATOR_PHASE.kind is TrainingPhase.GENERATOR and CRITIC_PHASE.kind is TrainingPhase.CRITIC
+    m.begin_phase(GENERATOR_PHASE)
+    assert m.phase is TrainingPhase.GENERATOR
+    step = m(_batch())
+    assert isinstance(step, GeneratorStep) and step.phase is TrainingPhase.GENERATOR and step.x0.requires_grad
+    step.scratch['tensor'], step.scratch['other'] = step.x0 * 2, [step.x0]
+    m.begin_phase(CRITIC_PHASE)
+    critic = m(_batch())  # the cached generator step, detached
+    assert critic.phase is TrainingPhase.CRITIC and critic is not step
+    for name in ('x_t', 'sigma', 'sigma_next', 'anchor_index', 'velocity', 'x0'):
+        assert not getattr(critic, name).requires_grad and torch.equal(getattr(critic, name), getattr(step, name))
+    assert critic.cond is step.cond and critic.backward_simulation == step.backward_simulation
+    assert not critic.scratch['tensor'].requires_grad and critic.scratch['other'] is step.scratch['other']
+    assert critic.scratch is not step.scratch
+    m.end_batch()
+    assert m.phase is TrainingPhase.CRITIC
+    assert str(TrainingPhase.GENERATOR) == 'generator' and str(TrainingPhase.CRITIC) == 'critic'
 
 
 def test_flux_guidance_embedding(flux_model):
@@ -131,12 +175,12 @@ def test_rng_streams():
     assert not torch.equal(first, other)
     shared = torch.randn(8, generator=m.rng('x', per_rank=False))
     assert not torch.equal(first, shared)
-    m.end_batch()  # ttur_step 0 -> 1 and streams dropped
-    assert int(m.ttur_step) == 1
+    m.end_batch()  # batches_seen 0 -> 1 and streams dropped
+    assert int(m.batches_seen) == 1
     next_batch = torch.randn(8, generator=m.rng('x'))
     assert not torch.equal(first, next_batch)
     m.end_batch()
-    m.ttur_step.fill_(0)  # same (seed, rank, ttur_step, purpose) -> same draws, whatever the order of purposes
+    m.batches_seen.fill_(0)  # same (seed, rank, batches_seen, purpose) -> same draws, whatever the order of purposes
     assert m.rng('x') is not m.rng('y')
     assert torch.equal(torch.randn(8, generator=m.rng('y')), other)
     assert torch.equal(torch.randn(8, generator=m.rng('x')), first)
@@ -168,7 +212,7 @@ def test_critic_reuses_generator_sample():
 
     def generator_pass(batch, with_grad):
         out = orig_pass(batch, with_grad)
-        calls.append((with_grad, out['x0'].detach().clone()))
+        calls.append((with_grad, out.x0.detach().clone()))
         return out
 
     def fake_score_loss(x0, cond):
@@ -182,7 +226,7 @@ def test_critic_reuses_generator_sample():
         phases.append(m.phase)
         out = m(batch)
         loss = m.loss(out, batch)
-        assert out['phase'] == m.phase
+        assert out.phase == m.phase
         loss['total'].backward()
         return loss['total'].item()
 
@@ -190,21 +234,21 @@ def test_critic_reuses_generator_sample():
     assert m.training_phases() == [GENERATOR_PHASE, CRITIC_PHASE]
     gen_before = _snap(m.generator)
     opt.step(closure)
-    assert phases == ['generator', 'critic']
+    assert phases == [TrainingPhase.GENERATOR, TrainingPhase.CRITIC]
     assert len(calls) == 1 and calls[0][0] is True  # the critic did not run the generator again
     assert len(fake_inputs) == 1 and torch.equal(fake_inputs[0], calls[0][1])
     assert not _equal_state(_snap(m.generator), gen_before)  # the generator did step before the critic ran
-    assert int(m.ttur_step) == 1 and m._sample_cache == []
+    assert int(m.batches_seen) == 1 and m._sample_cache == []
 
     # Batch 1: critic only -> one generator pass without grad feeds the fake score.
     assert m.training_phases() == [CRITIC_PHASE]
     gen_before = _snap(m.generator)
     opt.step(closure)
-    assert phases == ['generator', 'critic', 'critic']
+    assert phases == [TrainingPhase.GENERATOR, TrainingPhase.CRITIC, TrainingPhase.CRITIC]
     assert len(calls) == 2 and calls[1][0] is False
     assert torch.equal(fake_inputs[1], calls[1][1])
     assert _equal_state(_snap(m.generator), gen_before)
-    assert int(m.ttur_step) == 2
+    assert int(m.batches_seen) == 2
 
 
 def test_generator_phase_gradient_reaches_only_generator():
@@ -221,13 +265,13 @@ def test_generator_phase_gradient_reaches_only_generator():
     m.loss(out, batch)['total'].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.generator.parameters())
     assert all(p.grad is None for p in m.fake_score.parameters())
-    ran = {'teacher', 'conditioner'} | (set() if out['backward_simulation'] else {'vae'})  # the VAE encodes real images
+    ran = {'teacher', 'conditioner'} | (set() if out.backward_simulation else {'vae'})  # the VAE encodes real images
     assert {name for name, _ in grad_mode} == ran
     assert not any(enabled for _, enabled in grad_mode), grad_mode
     m.zero_grad(set_to_none=True)
     m.begin_phase(CRITIC_PHASE)
     out = m(batch)  # reuses the cached generator sample
-    assert out['phase'] == 'critic' and not out['x0'].requires_grad
+    assert out.phase is TrainingPhase.CRITIC and not out.x0.requires_grad
     m.loss(out, batch)['total'].backward()
     assert all(p.grad is None for p in m.generator.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.fake_score.parameters())
@@ -243,9 +287,9 @@ def test_ttur_with_composer_trainer(make_trainer, yaml_name):
                                 snapshot=('generator', 'fake_score', 'teacher', 'vae'))
     trainer.fit()
     model = trainer.state.model
-    assert rec.ttur_steps == [1, 2, 3, 4]
+    assert rec.batches_seen_history == [1, 2, 3, 4]
     prev = rec.initial
-    for step, snap in enumerate(rec.snapshots):  # ttur_step of this batch = step
+    for step, snap in enumerate(rec.snapshots):  # batches_seen of this batch = step
         gen_batch = step % 2 == 0
         assert _equal_state(snap['generator'], prev['generator']) is not gen_batch, step
         assert not _equal_state(snap['fake_score'], prev['fake_score']), step
@@ -260,7 +304,7 @@ def test_ttur_with_composer_trainer(make_trainer, yaml_name):
     for group in [g for g in opt.param_groups if g['role'] in ('generator', 'fake_score')]:
         steps = {int(opt.state[p]['step']) for p in group['params']}
         assert steps == {2 if group['role'] == 'generator' else 4}, group['role']
-    assert int(model.ttur_step) == 4
+    assert int(model.batches_seen) == 4
     trainer.close()
 
 
@@ -307,6 +351,6 @@ def test_model_seed_alone_changes_the_noise():
         m.seed = seed
         m.begin_phase(CRITIC_PHASE)
         out = m(batch)
-        results.append((float(m.loss(out, batch)['total']), out['x0']))
+        results.append((float(m.loss(out, batch)['total']), out.x0))
     assert results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
     assert results[0][0] != results[2][0] and not torch.equal(results[0][1], results[2][1])

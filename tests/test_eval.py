@@ -216,13 +216,13 @@ def test_exported_student_images_equal_the_pipeline_call(assets, tmp_path):
 
     from senseflow_algos.evaluation.generation import open_source
     from senseflow_algos.export import pipeline_call_kwargs
-    from senseflow_algos.sampling import sample, seeded_default_generator
+    from senseflow_algos.sampling import sample, seeded_default_rng
 
     source = open_source(Path(assets['student']), 'student', device='cpu')
-    ours = sample(source.components, PROMPTS[:2], generator=seeded_default_generator(7)).images
+    ours = sample(source.components, PROMPTS[:2], rng=seeded_default_rng(7)).images
     pipe = DiffusionPipeline.from_pretrained(str(assets['student']))
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(PROMPTS[:2], generator=seeded_default_generator(7), output_type='pt',
+    theirs = pipe(PROMPTS[:2], generator=seeded_default_rng(7), output_type='pt',
                   **pipeline_call_kwargs(assets['student'])).images
     assert (ours - theirs).abs().max().item() <= 1e-5
     source.close()

@@ -21,7 +21,7 @@ from senseflow_algos.export import (
     sampling_components_from_pipeline,
 )
 from senseflow_algos.restore import read_generator_state, resolve_checkpoint, restore_student
-from senseflow_algos.sampling import sample, seeded_default_generator
+from senseflow_algos.sampling import sample, seeded_default_rng
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ['a red circle above a blue square', 'a small green star']
@@ -82,7 +82,7 @@ def _pipe_images(folder: Path, seed: int = 0, drop=(), **extra):
     pipe = DiffusionPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
     kwargs = {k: v for k, v in pipeline_call_kwargs(folder).items() if k not in drop}
-    out = pipe(PROMPTS, generator=seeded_default_generator(seed), output_type='pt', **kwargs, **extra)
+    out = pipe(PROMPTS, generator=seeded_default_rng(seed), output_type='pt', **kwargs, **extra)
     return pipe, out.images
 
 
@@ -90,9 +90,9 @@ def test_export_round_trip_reproduces_the_in_repo_sampler(run, tmp_path):
     out = export_checkpoint(run['folder'], tmp_path / 'export', config=_yaml(run['family']),
                             overrides=run['overrides'], progress=False)
     model = restore_student(run['folder'], _yaml(run['family']), run['overrides'])
-    ours = sample(model, PROMPTS, generator=seeded_default_generator(0)).images
+    ours = sample(model, PROMPTS, rng=seeded_default_rng(0)).images
     # The student restored from the checkpoint (generator alone) samples as the trained model itself.
-    live = sample(run['trainer'].state.model, PROMPTS, generator=seeded_default_generator(0)).images
+    live = sample(run['trainer'].state.model, PROMPTS, rng=seeded_default_rng(0)).images
     assert torch.equal(ours, live)
     # FLUX: FluxPipeline's default 4-step sigmas are the anchors; only the training size is passed. SD 3.5: the
     # pipeline needs sigmas= and guidance_scale=1 (written to senseflow_export.json).
@@ -108,7 +108,7 @@ def test_export_round_trip_reproduces_the_in_repo_sampler(run, tmp_path):
     assert (other - theirs).abs().max() > 1e-3
     # The exported pipeline's modules through the in-repo sampler: what eval.py runs for exported students.
     parts = sampling_components_from_pipeline(pipe, json.loads((out / EXPORT_INFO).read_text()))
-    again = sample(parts, PROMPTS, generator=seeded_default_generator(0)).images
+    again = sample(parts, PROMPTS, rng=seeded_default_rng(0)).images
     assert (again - ours).abs().max().item() <= ATOL
 
 
@@ -140,7 +140,7 @@ def test_euler_export_reproduces_the_euler_sampler(run, tmp_path):
     assert code == 0
     assert not (tmp_path / 'euler' / BARE_WEIGHTS).exists()
     model = restore_student(run['folder'], _yaml(run['family']), run['overrides'])
-    ours = sample(model, PROMPTS, generator=seeded_default_generator(0), method='euler').images
+    ours = sample(model, PROMPTS, rng=seeded_default_rng(0), method='euler').images
     pipe, theirs = _pipe_images(tmp_path / 'euler')
     assert pipe.scheduler.config.stochastic_sampling is False
     assert (ours - theirs).abs().max().item() <= ATOL

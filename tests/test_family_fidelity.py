@@ -19,7 +19,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-from senseflow_algos.models.families import FluxConditioner, FluxFamily, SD3Conditioner, SD3Family
+from senseflow_algos.models.families import FluxConditioner, FluxFamily, SD35Conditioner, SD35Family
 from senseflow_algos.models.tiny import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def test_sd35_adversarial_weight_is_the_scheduler_sigma_squared_at_the_anchor_in
     # The reference SD 3.5 code: scheduler.sigmas[t_idx] ** 2 with the unflipped shift-3 scheduler sigmas.
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     expected = scheduler.sigmas[SD35_INDICES].double()**2
-    family = SD3Family()
+    family = SD35Family()
     assert family.adversarial_weighting == 'scheduler_sigma_squared'
     notes_anchors = torch.tensor([1.0, 0.9, 0.75, 0.5])  # notes 1.7, for these indices
     for sigma in (notes_anchors, family.anchors((128, 128)).float()):
@@ -57,7 +57,7 @@ def test_sd35_adversarial_weight_is_the_scheduler_sigma_squared_at_the_anchor_in
     # The notes' rounded values, and the quirk: it is not (1 - sigma)^2 = [0, .01, .0625, .25].
     torch.testing.assert_close(expected.float(), torch.tensor([0.0, 0.251, 0.564, 0.811]), atol=1e-3, rtol=0)
     # The paper's signal power is still selectable.
-    paper = SD3Family(adversarial_weighting='signal_power').adversarial_weight(notes_anchors)
+    paper = SD35Family(adversarial_weighting='signal_power').adversarial_weight(notes_anchors)
     torch.testing.assert_close(paper, torch.tensor([0.0, 0.01, 0.0625, 0.25]), atol=1e-6, rtol=0)
 
 
@@ -75,7 +75,7 @@ def test_adversarial_weighting_is_validated_naming_the_key():
                        r"not available for family 'flux'; choose one of \['signal_power'\]"):
         FluxFamily(adversarial_weighting='scheduler_sigma_squared')
     with pytest.raises(ValueError, match=r"adversarial_weighting='alpha'.*'sd35'"):
-        SD3Family(adversarial_weighting='alpha')
+        SD35Family(adversarial_weighting='alpha')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def test_flux_anchor_indices_are_the_reference_constants():
 
 
 def test_sd35_anchor_indices_are_the_reference_constants():
-    family = SD3Family()
+    family = SD35Family()
     anchors = family.anchors((128, 128))
     assert family.sigma_to_index(anchors).tolist() == SD35_INDICES
     # The reference reads flip(scheduler.sigmas)[idx].
@@ -117,8 +117,8 @@ def _first_step_only(pipe, i, t, callback_kwargs):
 def test_sd35_cfg_velocity_matches_one_stable_diffusion_3_pipeline_step(w):
     pipe = build_tiny_sd3_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
-    family = SD3Family()
-    conditioner = SD3Conditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
+    family = SD35Family()
+    conditioner = SD35Conditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
                                  pipe.text_encoder_3, pipe.tokenizer_3, max_sequence_length=TOKENS)
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))  # 32 px through a 2x VAE
     sigma, sigma_next = 0.75, 0.5
@@ -165,14 +165,14 @@ def _record_kwargs(module, store):
 def test_sd35_bf16_teacher_gets_the_pipeline_float32_timestep():
     pipe = build_tiny_sd3_pipeline(seed=0)
     teacher = pipe.transformer.to(torch.bfloat16)
-    cond = SD3Conditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
+    cond = SD35Conditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
                           pipe.text_encoder_3, pipe.tokenizer_3, max_sequence_length=TOKENS)(PROMPTS)
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
     calls, embedded, outputs = [], [], []
     _record_kwargs(teacher, calls)
     teacher.time_text_embed.register_forward_pre_hook(lambda m, args: embedded.append(args[0].clone()))
     teacher.register_forward_hook(lambda m, args, out: outputs.append(out[0].clone()))
-    SD3Family().velocity(teacher, x, torch.full((2,), 0.75), cond, guidance=torch.full((2,), 5.0))
+    SD35Family().velocity(teacher, x, torch.full((2,), 0.75), cond, guidance=torch.full((2,), 5.0))
     (kwargs,) = calls
     expected_t = torch.full((4,), 750.0)  # sigma * 1000 for the uncond + cond halves, float32 as the scheduler's
     assert kwargs['timestep'].dtype == torch.float32 and torch.equal(kwargs['timestep'], expected_t)
@@ -231,7 +231,7 @@ FSDP_WORKER = textwrap.dedent('''
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=sys.argv[1], RANK='0', WORLD_SIZE='1')
     dist.init_process_group('gloo')
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from senseflow_algos.models.families import SD3Family
+    from senseflow_algos.models.families import SD35Family
     from senseflow_algos.models.tiny import build_tiny_sd3_pipeline
     net = build_tiny_sd3_pipeline(seed=0).transformer
     at_root, embedded = [], []
@@ -241,7 +241,7 @@ FSDP_WORKER = textwrap.dedent('''
     fully_shard(net, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
     cond = {'prompt_embeds': torch.randn(1, 5, 48), 'pooled_prompt_embeds': torch.randn(1, 40)}
     with torch.no_grad():
-        SD3Family().velocity(net, torch.randn(1, 4, 16, 16), torch.tensor([0.75]), cond)
+        SD35Family().velocity(net, torch.randn(1, 4, 16, 16), torch.tensor([0.75]), cond)
     print('ROOT', at_root[0].dtype, at_root[0].tolist())
     print('EMBEDDED', embedded[0].dtype, embedded[0].tolist())
     dist.destroy_process_group()

@@ -52,7 +52,7 @@ def test_sigkill_then_autoresume_matches_uninterrupted(tmp_path):
     a, b = _model_state(straight / 'ep0-ba8-rank0.pt'), _model_state(killed / 'ep0-ba8-rank0.pt')
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), 'resumed weights differ from the uninterrupted run'
-    assert int(b['ttur_step']) == 8
+    assert int(b['batches_seen']) == 8
 
 
 def _nan_cfg(tmp_path, mode: str) -> dict:
@@ -66,7 +66,7 @@ def _poison_fake_score_loss(model, at_step: int):
 
     def poisoned(x0, cond):
         loss = original(x0, cond)
-        return loss * float('nan') if int(model.ttur_step) == at_step else loss
+        return loss * float('nan') if int(model.batches_seen) == at_step else loss
 
     model.fake_score_loss = poisoned
 
@@ -92,7 +92,7 @@ def test_nan_skip_counts_and_keeps_weights_finite(tmp_path):
     class Snap(Callback):
 
         def batch_end(self, state, logger):
-            fake_after[int(model.ttur_step)] = {k: v.clone() for k, v in model.fake_score.state_dict().items()}
+            fake_after[int(model.batches_seen)] = {k: v.clone() for k, v in model.fake_score.state_dict().items()}
 
     trainer.state.callbacks.append(Snap())
     trainer.fit()

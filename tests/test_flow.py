@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from senseflow_algos import flow
-from senseflow_algos.models.families import FluxFamily, SD3Family
+from senseflow_algos.models.families import FluxFamily, SD35Family
 
-FAMILIES = {'flux': FluxFamily, 'sd35': SD3Family}
+FAMILIES = {'flux': FluxFamily, 'sd35': SD35Family}
 
 
 def _randn(*shape, seed=0):
@@ -20,7 +20,7 @@ def _randn(*shape, seed=0):
 
 
 def test_sd3_anchors_are_shift3_of_uniform():
-    anchors = SD3Family().anchors((128, 128))
+    anchors = SD35Family().anchors((128, 128))
     assert anchors.dtype == torch.float64
     torch.testing.assert_close(anchors, torch.tensor([1.0, 0.9, 0.75, 0.5], dtype=torch.float64), atol=1e-12, rtol=0)
     # shift3(s) = 3s / (1 + 2s), by hand
@@ -30,7 +30,7 @@ def test_sd3_anchors_are_shift3_of_uniform():
     torch.testing.assert_close(anchors, flow.sd3_index_to_sigma(torch.tensor([999, 749, 499, 249])), atol=1e-12,
                                rtol=0)
     # SD3's anchors do not depend on resolution.
-    torch.testing.assert_close(SD3Family().anchors((16, 16)), anchors, atol=0, rtol=0)
+    torch.testing.assert_close(SD35Family().anchors((16, 16)), anchors, atol=0, rtol=0)
 
 
 def test_flux_mu():
@@ -141,7 +141,7 @@ def test_sigma_to_index_round_trip_on_anchor_indices(name):
 
 
 def test_sd3_index_zero():
-    family = SD3Family()
+    family = SD35Family()
     assert int(family.sigma_to_index(0.0)) == 0
     assert float(family.index_to_sigma(0)) == pytest.approx(3 * 0.001 / (1 + 2 * 0.001), abs=1e-15)
     assert float(flow.flux_index_to_sigma(904)) == pytest.approx(0.904, abs=1e-15)
@@ -153,11 +153,11 @@ def test_isg_mid_sigma_inside_segments(name, margin):
     assert family.isg_margin == margin
     sigmas = flow.append_zero(family.anchors((128, 128)))
     n = 4000
-    gen = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(0)
     for i in range(4):
         cur = torch.full((n,), float(sigmas[i]), dtype=torch.float64)
         nxt = torch.full((n,), float(sigmas[i + 1]), dtype=torch.float64)
-        mid = family.isg_mid_sigma(cur, nxt, gen)
+        mid = family.isg_mid_sigma(cur, nxt, rng)
         assert mid.shape == (n,)
         assert (mid > nxt).all() and (mid < cur).all(), (i, mid.min(), mid.max())
         # The grid index of each draw, by hand: FLUX t = 1000 s; SD 3.5 (t + 1) / 1000 = s / (3 - 2 s).
@@ -278,12 +278,12 @@ class _Counting:
 
     def __init__(self, shape):
         self.shape = shape
-        self.gen = torch.Generator().manual_seed(123)
+        self.rng = torch.Generator().manual_seed(123)
         self.draws: list[torch.Tensor] = []
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def noise(self):
-        eps = torch.randn(*self.shape, generator=self.gen, dtype=torch.float64)
+        eps = torch.randn(*self.shape, generator=self.rng, dtype=torch.float64)
         self.draws.append(eps)
         return eps
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from senseflow_algos.sampling import sample, seeded_default_generator
+from senseflow_algos.sampling import sample, seeded_default_rng
 
 pytest.importorskip('peft')
 
@@ -55,13 +55,13 @@ def exported(request, tmp_path_factory):
     assert all(torch.equal(after[k], v) for k, v in before.items())
     teacher_dir = root / 'teacher'
     _teacher_pipeline(model).save_pretrained(teacher_dir)
-    ours = sample(model, PROMPTS, generator=seeded_default_generator(0)).images
+    ours = sample(model, PROMPTS, rng=seeded_default_rng(0)).images
     return family, model, out, teacher_dir, ours
 
 
 def _images(pipe, call_kwargs):
     pipe.set_progress_bar_config(disable=True)
-    return pipe(PROMPTS, generator=seeded_default_generator(0), output_type='pt', **call_kwargs).images
+    return pipe(PROMPTS, generator=seeded_default_rng(0), output_type='pt', **call_kwargs).images
 
 
 def test_fused_pipeline_reproduces_the_sampler(exported):
@@ -84,7 +84,7 @@ def _base_images(model):
     """The student without its adapters (diffusers' ``disable_adapters``): the teacher's weights."""
     model.generator.disable_adapters()
     try:
-        return sample(model, PROMPTS, generator=seeded_default_generator(0)).images
+        return sample(model, PROMPTS, rng=seeded_default_rng(0)).images
     finally:
         model.generator.enable_adapters()
 

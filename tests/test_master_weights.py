@@ -52,9 +52,9 @@ def reference_adamw(theta0: torch.Tensor, grads: list[torch.Tensor]) -> tuple[to
 
 @pytest.fixture(scope='module')
 def problem():
-    gen = torch.Generator().manual_seed(0)
-    theta0 = torch.randn(N, generator=gen) * 0.02
-    grads = [torch.randn(N, generator=gen) for _ in range(STEPS)]
+    rng = torch.Generator().manual_seed(0)
+    theta0 = torch.randn(N, generator=rng) * 0.02
+    grads = [torch.randn(N, generator=rng) for _ in range(STEPS)]
     return theta0, grads
 
 
@@ -148,9 +148,9 @@ def test_phased_adamw_refuses_bf16_weights_without_stochastic_rounding():
 def test_low_precision_update_matches_fp64_adamw_before_rounding():
     """One step with each option (weight decay, amsgrad, maximize): every weight lands on one of the two bf16
     neighbours of the fp64 AdamW result, i.e. within one spacing of it."""
-    gen = torch.Generator().manual_seed(3)
-    theta0 = (torch.randn(1000, generator=gen) * 0.5).to(torch.bfloat16)
-    g = torch.randn(1000, generator=gen)
+    rng = torch.Generator().manual_seed(3)
+    theta0 = (torch.randn(1000, generator=rng) * 0.5).to(torch.bfloat16)
+    g = torch.randn(1000, generator=rng)
     for kw in ({}, {'amsgrad': True}, {'maximize': True}):
         param, opt = _phased(theta0, stochastic_rounding=True, **kw)
         opt.param_groups[0]['lr'] = 0.01
@@ -165,9 +165,9 @@ def test_low_precision_update_matches_fp64_adamw_before_rounding():
 
 def test_resumed_optimizer_continues_bit_identically_with_fp32_moments():
     """10 steps in one go equal 5 steps, a state_dict round trip into a fresh optimizer, and 5 more."""
-    gen = torch.Generator().manual_seed(4)
-    theta0 = (torch.randn(5000, generator=gen) * 0.02).to(torch.bfloat16)
-    grads = [torch.randn(5000, generator=gen) for _ in range(10)]
+    rng = torch.Generator().manual_seed(4)
+    theta0 = (torch.randn(5000, generator=rng) * 0.02).to(torch.bfloat16)
+    grads = [torch.randn(5000, generator=rng) for _ in range(10)]
     param, opt = _phased(theta0, stochastic_rounding=True)
     straight = _train(param, opt, grads, phased=True).clone()
     param, opt = _phased(theta0, stochastic_rounding=True)

@@ -15,7 +15,7 @@ import torch
 
 from senseflow_algos import flow
 from senseflow_algos.algorithms.isg.isg import check_segments
-from senseflow_algos.models.families import FluxFamily, SD3Family
+from senseflow_algos.models.families import FluxFamily, SD35Family
 
 STEPS = (1, 2, 4, 8)
 
@@ -81,7 +81,7 @@ def _diffusers_flux_sigmas(n: int, tokens: int) -> np.ndarray:
 
 @pytest.mark.parametrize('n', STEPS)
 def test_sd3_anchors_match_the_diffusers_scheduler(n):
-    anchors = SD3Family().anchors((128, 128), n)
+    anchors = SD35Family().anchors((128, 128), n)
     assert anchors.dtype == torch.float64 and len(anchors) == n
     np.testing.assert_allclose(flow.append_zero(anchors).numpy(), _diffusers_sd3_sigmas(n), atol=1e-6, rtol=0)
     # The reference's index form: [999, 749, 499, 249] for 4 steps, i.e. 1000 k / n - 1 through the scheduler's sigmas.
@@ -110,7 +110,7 @@ def test_flux_anchor_indices_by_hand():
 
 
 def test_four_steps_are_the_default_anchors():
-    for fam, hw in ((FluxFamily(), (128, 128)), (FluxFamily(), (4, 4)), (SD3Family(), (128, 128))):
+    for fam, hw in ((FluxFamily(), (128, 128)), (FluxFamily(), (4, 4)), (SD35Family(), (128, 128))):
         assert torch.equal(fam.anchors(hw), fam.anchors(hw, 4))
 
 
@@ -119,15 +119,15 @@ def test_four_steps_are_the_default_anchors():
 
 
 @pytest.mark.parametrize('n', STEPS)
-@pytest.mark.parametrize('family', [FluxFamily(), SD3Family()], ids=['flux', 'sd35'])
+@pytest.mark.parametrize('family', [FluxFamily(), SD35Family()], ids=['flux', 'sd35'])
 def test_isg_mid_points_stay_inside_every_segment(family, n):
     sigmas = flow.append_zero(family.anchors((128, 128), n))
     check_segments(family, sigmas)
-    gen = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(0)
     for i in range(n):
         cur = sigmas[i].expand(256)
         nxt = sigmas[i + 1].expand(256)
-        mid = family.isg_mid_sigma(cur, nxt, gen)
+        mid = family.isg_mid_sigma(cur, nxt, rng)
         # Strictly inside, at least a margin away from both ends on the family's index grid.
         assert (mid < cur).all() and (mid > nxt).all()
         m_idx = family.sigma_to_index(mid)
@@ -153,7 +153,7 @@ def test_gan_weight_follows_the_anchors():
     assert float(fam.adversarial_weight(a2)[1]) == pytest.approx((1 - math.exp(1.15) / (math.exp(1.15) + 1))**2)
     # SD 3.5's reference weight: the unflipped scheduler sigma at the anchor's index, squared. 2 steps: indices
     # [999, 499] -> scheduler.sigmas[999], [499] = shift3(1/1000), shift3(501/1000).
-    sd3 = SD3Family()
+    sd3 = SD35Family()
     w = sd3.adversarial_weight(sd3.anchors((128, 128), 2))
     shift3 = [3 * s / (1 + 2 * s) for s in (0.001, 0.501)]
     torch.testing.assert_close(w, torch.tensor([shift3[0]**2, shift3[1]**2], dtype=torch.float64), atol=1e-12,
@@ -207,7 +207,7 @@ def test_num_steps_student_exports_and_reproduces_the_sampler(trained, tmp_path)
     from diffusers import DiffusionPipeline
 
     from senseflow_algos.export import EXPORT_INFO, export_pipeline, pipeline_call_kwargs
-    from senseflow_algos.sampling import sample, seeded_default_generator
+    from senseflow_algos.sampling import sample, seeded_default_rng
 
     family, n, model, _ = trained
     assert model.num_anchors == n and len(model.sigmas) == n + 1
@@ -217,10 +217,10 @@ def test_num_steps_student_exports_and_reproduces_the_sampler(trained, tmp_path)
     assert info['sigmas'] == [float(s) for s in model.sigmas]
     # The pipeline's pre-shift sigmas are the uniform times [1, .., 1/n] (written to 6 digits).
     np.testing.assert_allclose(info['call_kwargs']['sigmas'], np.linspace(1.0, 1 / n, n), atol=1e-6, rtol=0)
-    ours = sample(model, PROMPTS, generator=seeded_default_generator(0)).images
+    ours = sample(model, PROMPTS, rng=seeded_default_rng(0)).images
     pipe = DiffusionPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(PROMPTS, generator=seeded_default_generator(0), output_type='pt',
+    theirs = pipe(PROMPTS, generator=seeded_default_rng(0), output_type='pt',
                   **pipeline_call_kwargs(out)).images
     np.testing.assert_allclose(pipe.scheduler.sigmas.double().numpy(), model.sigmas.numpy(), atol=1e-6, rtol=0)
     diff = (ours - theirs).abs().max().item()
@@ -234,7 +234,7 @@ def test_num_steps_checkpoint_exports_through_export_py(trained, tmp_path):
     from diffusers import DiffusionPipeline
 
     from senseflow_algos.export import EXPORT_INFO, main, pipeline_call_kwargs
-    from senseflow_algos.sampling import sample, seeded_default_generator
+    from senseflow_algos.sampling import sample, seeded_default_rng
 
     family, n, model, folder = trained
     assert main([str(folder), str(tmp_path / 'export'), '--no-bare']) == 0
@@ -243,9 +243,9 @@ def test_num_steps_checkpoint_exports_through_export_py(trained, tmp_path):
     assert info['num_steps'] == n and info['sigmas'] == [float(s) for s in model.sigmas]
     pipe = DiffusionPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(PROMPTS, generator=seeded_default_generator(0), output_type='pt',
+    theirs = pipe(PROMPTS, generator=seeded_default_rng(0), output_type='pt',
                   **pipeline_call_kwargs(out)).images
-    ours = sample(model, PROMPTS, generator=seeded_default_generator(0)).images
+    ours = sample(model, PROMPTS, rng=seeded_default_rng(0)).images
     diff = (ours - theirs).abs().max().item()
     print(f'{family} {n}-step via export.py: max |exported - in-repo| = {diff:.3g}')
     assert diff <= 1e-5

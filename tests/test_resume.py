@@ -19,10 +19,10 @@ def _final(trainer, rec) -> dict:
     model = trainer.state.model
     return {
         'losses': rec.losses,
-        'ttur_steps': rec.ttur_steps,
+        'batches_seen_history': rec.batches_seen_history,
         'generator': _snap(model.generator),
         'fake_score': _snap(model.fake_score),
-        'ttur_step': int(model.ttur_step),
+        'batches_seen': int(model.batches_seen),
         'optimizer': copy.deepcopy(trainer.state.optimizers[0].state_dict()),
         'roles': [g['role'] for g in trainer.state.optimizers[0].param_groups],
         'param_names': {id(p): n for n, p in model.named_parameters()},
@@ -80,26 +80,43 @@ def test_resume_matches_uninterrupted_run(runs, make_trainer):
         'tiny_flux', [*BASE, 'trainer.max_duration=6ba', f'trainer.load_path={runs["root"] / "b" / "ep0-ba3-rank0.pt"}'])
     model = trainer.state.model
     # The load already happened in the constructor: the trainable weights and the TTUR counter are batch 3's.
-    assert int(model.ttur_step) == 3
+    assert int(model.batches_seen) == 3
     _assert_same_state(_snap(model.generator), b['generator'], 'generator after load')
     _assert_same_state(_snap(model.fake_score), b['fake_score'], 'fake_score after load')
     trainer.fit()
     c = _final(trainer, rec)
     trainer.close()
-    assert c['ttur_steps'] == [4, 5, 6]
+    assert c['batches_seen_history'] == [4, 5, 6]
     assert len(c['losses']) == 3
     assert c['losses'] == a['losses'][3:]
-    assert c['ttur_step'] == a['ttur_step'] == 6
+    assert c['batches_seen'] == a['batches_seen'] == 6
     _assert_same_state(c['generator'], a['generator'], 'generator')
     _assert_same_state(c['fake_score'], a['fake_score'], 'fake_score')
     assert c['roles'] == a['roles']
     _assert_same_optimizer(c['optimizer'], a['optimizer'])
-    # Adam moments really are there: the generator stepped at ttur_step 0, 2, 4; the fake score every batch.
+    # Adam moments really are there: the generator stepped at batches_seen 0, 2, 4; the fake score every batch.
     opt = trainer.state.optimizers[0]
     for group in opt.param_groups:
         if group['role'] in ('generator', 'fake_score'):
             steps = {int(opt.state[p]['step']) for p in group['params']}
             assert steps == {3 if group['role'] == 'generator' else 6}, group['role']
+
+
+def test_resume_from_checkpoint_with_the_old_counter_key(runs, make_trainer, tmp_path):
+    """A checkpoint written before the batch counter was renamed (``ttur_step``) resumes exactly like a new one."""
+    ckpt = torch.load(runs['root'] / 'b' / 'ep0-ba3-rank0.pt', map_location='cpu', weights_only=False)
+    model_state = ckpt['state']['model']
+    model_state['ttur_step'] = model_state.pop('batches_seen')
+    old = tmp_path / 'ep0-ba3-rank0.pt'
+    torch.save(ckpt, old)
+    trainer, rec = make_trainer('tiny_flux', [*BASE, 'trainer.max_duration=6ba', f'trainer.load_path={old}'])
+    assert int(trainer.state.model.batches_seen) == 3
+    trainer.fit()
+    c = _final(trainer, rec)
+    trainer.close()
+    assert c['batches_seen_history'] == [4, 5, 6]
+    assert c['losses'] == runs['a']['losses'][3:]
+    _assert_same_state(c['generator'], runs['a']['generator'], 'generator')
 
 
 def test_checkpoint_contents(runs):
@@ -111,7 +128,7 @@ def test_checkpoint_contents(runs):
     fake = {k[len('fake_score.'):]: v for k, v in model_state.items() if k.startswith('fake_score.')}
     _assert_same_state(gen, runs['b']['generator'], 'checkpointed generator')
     _assert_same_state(fake, runs['b']['fake_score'], 'checkpointed fake_score')
-    assert int(model_state['ttur_step']) == 3
+    assert int(model_state['batches_seen']) == 3
     optim = ckpt['state']['optimizers']['PhasedAdamW']
     roles = [g['role'] for g in optim['param_groups']]
     assert roles == runs['b']['roles'] and roles[:2] == ['generator', 'fake_score']
@@ -128,7 +145,7 @@ def test_checkpoint_contents(runs):
             assert {'step', 'exp_avg', 'exp_avg_sq'} <= set(entry), name
     assert not [k for k in optim['state'] if k.startswith(FROZEN_PREFIXES)]
     gen_group = optim['param_groups'][0]
-    assert all(int(optim['state'][k]['step']) == 2 for k in gen_group['params'])  # ttur_step 0 and 2
+    assert all(int(optim['state'][k]['step']) == 2 for k in gen_group['params'])  # batches_seen 0 and 2
     fake_group = optim['param_groups'][1]
     assert all(int(optim['state'][k]['step']) == 3 for k in fake_group['params'])
 

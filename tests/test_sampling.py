@@ -12,7 +12,7 @@ from senseflow_algos.sampling import (
     images_to_pil,
     run_sampler,
     sample,
-    seeded_default_generator,
+    seeded_default_rng,
 )
 
 PROMPTS = ['a red circle above a blue square', 'a small green star']
@@ -29,9 +29,9 @@ def model(request):
 
 @pytest.mark.parametrize('anchors', list(ANCHOR_SETS.values()), ids=list(ANCHOR_SETS))
 def test_euler_with_exact_velocity_recovers_x0(anchors):
-    gen = torch.Generator().manual_seed(0)
-    x0 = torch.randn(3, 4, 8, 8, generator=gen)
-    eps = torch.randn(3, 4, 8, 8, generator=gen)
+    rng = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 8, 8, generator=rng)
+    eps = torch.randn(3, 4, 8, 8, generator=rng)
     calls = []
 
     def velocity(x, sigma):
@@ -46,12 +46,12 @@ def test_euler_with_exact_velocity_recovers_x0(anchors):
 
 
 def test_renoise_with_exact_x0_predictor_lands_on_x0_and_draws_fresh_noise_each_step():
-    gen = torch.Generator().manual_seed(1)
-    x0 = torch.randn(2, 4, 8, 8, generator=gen)
+    rng = torch.Generator().manual_seed(1)
+    x0 = torch.randn(2, 4, 8, 8, generator=rng)
     noises = []
 
     def noise_fn():
-        noises.append(torch.randn(2, 4, 8, 8, generator=gen))
+        noises.append(torch.randn(2, 4, 8, 8, generator=rng))
         return noises[-1]
 
     seen = []
@@ -62,7 +62,7 @@ def test_renoise_with_exact_x0_predictor_lands_on_x0_and_draws_fresh_noise_each_
         return flow.velocity_from_x0(x, x0, s)  # predicts x0 exactly at every anchor
 
     anchors = ANCHOR_SETS['sd35']
-    out = run_sampler(velocity, torch.randn(2, 4, 8, 8, generator=gen), anchors, method='renoise', noise_fn=noise_fn)
+    out = run_sampler(velocity, torch.randn(2, 4, 8, 8, generator=rng), anchors, method='renoise', noise_fn=noise_fn)
     torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)
     assert len(noises) == 4  # one per step, the last one multiplied by sigma = 0
     for k in range(1, 4):  # each step's input is x0 re-noised with that step's fresh noise
@@ -89,7 +89,7 @@ def test_renoise_sampler_makes_exactly_four_generator_calls(model):
     teacher_calls, h2 = _count_calls(model.teacher)
     fake_calls, h3 = _count_calls(model.fake_score)
     try:
-        out = sample(model, PROMPTS, generator=torch.Generator().manual_seed(0))
+        out = sample(model, PROMPTS, rng=torch.Generator().manual_seed(0))
     finally:
         for h in (h1, h2, h3):
             h.remove()
@@ -103,30 +103,30 @@ def test_renoise_sampler_makes_exactly_four_generator_calls(model):
 
 def test_seeding_and_methods(model):
     def run(seed, method='renoise'):
-        return sample(model, PROMPTS, generator=torch.Generator().manual_seed(seed), method=method,
+        return sample(model, PROMPTS, rng=torch.Generator().manual_seed(seed), method=method,
                       decode=False).latents
 
     torch.testing.assert_close(run(0), run(0), rtol=0, atol=0)
     assert not torch.allclose(run(0), run(1))
     assert not torch.allclose(run(0), run(0, 'euler'))
     # Euler draws only the initial noise: the generator's stream advances by one latent's worth.
-    gen = torch.Generator().manual_seed(3)
-    sample(model, PROMPTS, generator=gen, method='euler', decode=False)
+    rng = torch.Generator().manual_seed(3)
+    sample(model, PROMPTS, rng=rng, method='euler', decode=False)
     ref = torch.Generator().manual_seed(3)
     torch.randn(2, *model.latent_shape, generator=ref)
-    assert torch.equal(torch.randn(5, generator=gen), torch.randn(5, generator=ref))
+    assert torch.equal(torch.randn(5, generator=rng), torch.randn(5, generator=ref))
 
 
 def test_per_sample_generators_make_each_image_independent_of_the_batch(model):
-    both = sample(model, PROMPTS, generator=[torch.Generator().manual_seed(s) for s in (10, 11)]).images
-    second = sample(model, PROMPTS[1:], generator=[torch.Generator().manual_seed(11)]).images
+    both = sample(model, PROMPTS, rng=[torch.Generator().manual_seed(s) for s in (10, 11)]).images
+    second = sample(model, PROMPTS[1:], rng=[torch.Generator().manual_seed(11)]).images
     torch.testing.assert_close(both[1:], second, atol=1e-5, rtol=0)
 
 
 def test_sampling_restores_the_generator_mode_and_touches_no_global_rng(model):
     model.generator.train()
     state = torch.random.get_rng_state()
-    sample(model, PROMPTS[:1], generator=torch.Generator().manual_seed(0), decode=False)
+    sample(model, PROMPTS[:1], rng=torch.Generator().manual_seed(0), decode=False)
     assert model.generator.training
     assert torch.equal(state, torch.random.get_rng_state())
     model.generator.eval()
@@ -135,11 +135,11 @@ def test_sampling_restores_the_generator_mode_and_touches_no_global_rng(model):
 def test_components_entry_point_equals_model_entry_point(model):
     parts = SamplingComponents.build(model.family, model.generator, model.vae, model.conditioner, resolution=32)
     torch.testing.assert_close(parts.sigmas, model.sigmas)
-    a = sample(model, PROMPTS, generator=torch.Generator().manual_seed(5))
-    b = sample(parts, PROMPTS, generator=torch.Generator().manual_seed(5))
+    a = sample(model, PROMPTS, rng=torch.Generator().manual_seed(5))
+    b = sample(parts, PROMPTS, rng=torch.Generator().manual_seed(5))
     torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
     cond = model.conditioner(PROMPTS)
-    c = sample(parts, cond=cond, generator=torch.Generator().manual_seed(5))
+    c = sample(parts, cond=cond, rng=torch.Generator().manual_seed(5))
     torch.testing.assert_close(a.latents, c.latents, rtol=0, atol=0)
     with pytest.raises(ValueError, match='exactly one'):
         sample(parts, PROMPTS, cond=cond)
@@ -159,13 +159,13 @@ def test_flux_renoise_noise_is_drawn_in_the_packed_layout():
     assert torch.equal(pack_latents(noise), packed)
 
 
-def test_seeded_default_generator_is_the_global_cpu_generator():
-    gen = seeded_default_generator(123)
-    a = torch.randn(4, generator=gen)
+def test_seeded_default_rng_is_the_global_cpu_generator():
+    rng = seeded_default_rng(123)
+    a = torch.randn(4, generator=rng)
     torch.manual_seed(123)
     assert torch.equal(a, torch.randn(4))
     with pytest.raises(ValueError, match='default generator'):
-        seeded_default_generator(0, 'meta')
+        seeded_default_rng(0, 'meta')
 
 
 def test_images_to_pil_rounds_like_diffusers():

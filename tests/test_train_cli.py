@@ -99,7 +99,7 @@ def test_tiny_config_losses_finite(make_trainer, yaml_name):
     for losses in rec.losses:
         assert 'loss/train/total' in losses and 'loss/train/fake_score/flow_matching' in losses
         assert all(math.isfinite(v) for v in losses.values()), losses
-    assert 'loss/train/generator/dmd' in rec.losses[0]  # ttur_step 0 is a generator batch
+    assert 'loss/train/generator/dmd' in rec.losses[0]  # batches_seen 0 is a generator batch
 
 
 @pytest.mark.parametrize('family,yaml_name', [('flux', 'flux'), ('sd35', 'sd35_large')])

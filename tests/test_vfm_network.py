@@ -254,9 +254,9 @@ def test_hinge_weight_shape_checked():
 
 def test_diff_augment_reproducible_and_seed_dependent():
     x = images(4, 32, 32)
-    a = diff_augment(x, generator=torch.Generator().manual_seed(1))
-    b = diff_augment(x, generator=torch.Generator().manual_seed(1))
-    c = diff_augment(x, generator=torch.Generator().manual_seed(2))
+    a = diff_augment(x, rng=torch.Generator().manual_seed(1))
+    b = diff_augment(x, rng=torch.Generator().manual_seed(1))
+    c = diff_augment(x, rng=torch.Generator().manual_seed(2))
     assert a.shape == x.shape and a.dtype == x.dtype
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(a, c)
@@ -265,7 +265,7 @@ def test_diff_augment_reproducible_and_seed_dependent():
 @pytest.mark.parametrize('policy', ['color', 'translation', 'cutout', 'color,translation,cutout', ['color', 'cutout']])
 def test_diff_augment_differentiable(policy):
     x = images(3, 32, 32, requires_grad=True)
-    out = diff_augment(x, policy, generator=torch.Generator().manual_seed(0))
+    out = diff_augment(x, policy, rng=torch.Generator().manual_seed(0))
     assert out.shape == x.shape
     (out * torch.randn_like(out)).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0

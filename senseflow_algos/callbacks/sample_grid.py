@@ -97,8 +97,8 @@ class SampleGrid(Callback):
             raise RuntimeError('callbacks.sample_grid renders prompts with the text encoders, but this model has none '
                                '(model.text_encoders=false); remove the callback or load the text encoders')
         batch = int(state.timestamp.batch)
-        gen = torch.Generator(device=model.device).manual_seed(self.seed)
-        images = sample(model, self.prompts, generator=gen, method=self.method).images
+        rng = torch.Generator(device=model.device).manual_seed(self.seed)
+        images = sample(model, self.prompts, rng=rng, method=self.method).images
         self.last_rendered = batch
         grid = make_grid(images.float().cpu(), nrow=self.nrow, padding=2, pad_value=1.0)
         logger.log_images(grid.unsqueeze(0), name=self.log_name, step=batch, use_table=False)

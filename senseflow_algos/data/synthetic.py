@@ -39,13 +39,13 @@ class SyntheticCaptionedImages(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        rng = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         names = list(COLOURS)
-        colour = names[int(torch.randint(len(names), (1,), generator=gen))]
+        colour = names[int(torch.randint(len(names), (1,), generator=rng))]
         r = self.resolution
         image = torch.full((3, r, r), -0.6)
-        side = int(torch.randint(r // 4, r // 2 + 1, (1,), generator=gen))
-        top, left = (int(v) for v in torch.randint(0, r - side + 1, (2,), generator=gen))
+        side = int(torch.randint(r // 4, r // 2 + 1, (1,), generator=rng))
+        top, left = (int(v) for v in torch.randint(0, r - side + 1, (2,), generator=rng))
         image[:, top:top + side, left:left + side] = torch.tensor(COLOURS[colour]).view(3, 1, 1)
         return {'image': image, 'prompt': f'a {colour} square'}
 

@@ -59,13 +59,13 @@ class RandomConvFeatures(FeatureExtractor):
     def __init__(self, dim: int = 64, seed: int = 0, input_size: int = 64):
         super().__init__()
         self.dim, self.input_size = dim, input_size
-        gen = torch.Generator().manual_seed(seed)
+        rng = torch.Generator().manual_seed(seed)
         self.net = nn.Sequential(nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.ReLU(),
                                  nn.Conv2d(32, dim, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                                  nn.Flatten())
         with torch.no_grad():
             for p in self.net.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.ndim > 1 else 0.1))
+                p.copy_(torch.randn(p.shape, generator=rng) * (0.5 if p.ndim > 1 else 0.1))
         self.requires_grad_(False).eval()
 
     @torch.no_grad()

@@ -72,9 +72,9 @@ def random_patches(images: torch.Tensor, indices: Sequence[int], patch_size: int
         raise ValueError(f'patch size {patch_size} is larger than the images ({h}x{w})')
     out = []
     for img, idx in zip(images, indices):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + int(idx))
+        rng = torch.Generator().manual_seed(seed * 1_000_003 + int(idx))
         for _ in range(per_image):
-            top = int(torch.randint(h - patch_size + 1, (1,), generator=gen))
-            left = int(torch.randint(w - patch_size + 1, (1,), generator=gen))
+            top = int(torch.randint(h - patch_size + 1, (1,), generator=rng))
+            left = int(torch.randint(w - patch_size + 1, (1,), generator=rng))
             out.append(img[:, top:top + patch_size, left:left + patch_size])
     return torch.stack(out)

@@ -85,7 +85,7 @@ class ImageSource:
         self._counter.remove()
 
 
-def _cpu_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+def _cpu_rngs(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
@@ -108,7 +108,7 @@ class SamplerSource(ImageSource):
                             'sigmas': [round(float(s), 6) for s in components.sigmas]}
 
     def _generate(self, prompts, seeds):
-        return sample(self.components, prompts, generator=_cpu_generators(seeds), method=self.method).images
+        return sample(self.components, prompts, rng=_cpu_rngs(seeds), method=self.method).images
 
     def describe(self):
         return dict(self.description)
@@ -130,7 +130,7 @@ class PipelineSource(ImageSource):
     def _generate(self, prompts, seeds):
         if self.stochastic:  # the scheduler's re-noise noise comes from the global RNG
             torch.manual_seed(int(seeds[0]))  # seeds the CPU and every CUDA device
-        out = self.pipe(prompt=prompts, generator=_cpu_generators(seeds), output_type='pt', **self.call_kwargs)
+        out = self.pipe(prompt=prompts, generator=_cpu_rngs(seeds), output_type='pt', **self.call_kwargs)
         return out.images.float().cpu()
 
     def describe(self):

@@ -9,10 +9,12 @@ One training batch runs in phases driven by :class:`~senseflow_algos.optim.Phase
   detached sample (the one the generator phase produced, if there was one).
 
 Algorithms (IDA, ISG, the VFM discriminator) hook Composer events around these phases; they read
-``model.phase`` and the dict ``state.outputs`` this model returns.
+``model.phase`` (a :class:`~senseflow_algos.optim.TrainingPhase`) and the
+:class:`~senseflow_algos.models.step.GeneratorStep` this model returns as ``state.outputs``.
 
-Randomness comes from ``torch.Generator`` streams seeded by ``(seed, rank, ttur_step, purpose)``; ``ttur_step``
-is a buffer, so a resumed run draws exactly the noise the uninterrupted run would have drawn.
+Randomness comes from ``torch.Generator`` streams seeded by ``(seed, rank, batches_seen, purpose)``; ``batches_seen``
+is a buffer, so a resumed run draws exactly the noise the uninterrupted run would have drawn. (Checkpoints written
+before it was renamed call it ``ttur_step``; loading renames the key.)
 """
 
 from __future__ import annotations
@@ -27,22 +29,25 @@ from composer.utils import dist
 
 from senseflow_algos import flow
 from senseflow_algos.models.families import Components, Conditioning, ModelFamily
-from senseflow_algos.optim import Phase
+from senseflow_algos.models.step import GeneratorStep
+from senseflow_algos.optim import Phase, TrainingPhase
 
 __all__ = ['DMDModel', 'GENERATOR_PHASE', 'CRITIC_PHASE', 'sample_uniform']
 
-GENERATOR_PHASE = Phase('generator', ('generator',))
-CRITIC_PHASE = Phase('critic', ('fake_score', 'discriminator'))
+#: The generator phase and the roles it updates.
+GENERATOR_PHASE = Phase(TrainingPhase.GENERATOR, ('generator',))
+#: The critic phase (fake score and discriminator heads) and the roles it updates.
+CRITIC_PHASE = Phase(TrainingPhase.CRITIC, ('fake_score', 'discriminator'))
 
 #: Batch keys that carry precomputed conditioning.
 CONDITIONING_KEYS = ('prompt_embeds', 'pooled_prompt_embeds', 'negative_prompt_embeds',
                      'negative_pooled_prompt_embeds')
 
 
-def sample_uniform(bounds: Sequence[float], n: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` draws from U(lo, hi) (float32, on the generator's device); ``lo == hi`` gives a constant."""
+def sample_uniform(bounds: Sequence[float], n: int, rng: torch.Generator) -> torch.Tensor:
+    """``n`` draws from U(lo, hi) (float32, on ``rng``'s device); ``lo == hi`` gives a constant."""
     lo, hi = float(bounds[0]), float(bounds[1])
-    return lo + (hi - lo) * torch.rand(n, generator=generator, device=generator.device)
+    return lo + (hi - lo) * torch.rand(n, generator=rng, device=rng.device)
 
 
 def _stream_seed(*parts: Any) -> int:
@@ -100,11 +105,12 @@ class DMDModel(ComposerModel):
         self.sigmas = flow.append_zero(family.anchors(self.latent_shape[1:], int(num_steps)))
         self.num_anchors = len(self.sigmas) - 1
         # Batches trained so far: drives the TTUR cadence and seeds the noise; checkpointed with the model.
-        self.register_buffer('ttur_step', torch.zeros((), dtype=torch.long))
-        self.phase: str = CRITIC_PHASE.name
+        self.register_buffer('batches_seen', torch.zeros((), dtype=torch.long))
+        #: Phase of the closure that runs (or ran last); the critic phase between batches.
+        self.phase: TrainingPhase = TrainingPhase.CRITIC
         self.phase_active = False
         self.generator_stepped = False
-        self._sample_cache: list[dict[str, Any]] = []
+        self._sample_cache: list[GeneratorStep] = []
         self._weighted_terms: dict[str, torch.Tensor] = {}
         self._streams: dict[tuple[str, bool], torch.Generator] = {}
         # Frozen networks are rebuilt from the teacher weights at start-up: keep them out of checkpoints (except
@@ -112,6 +118,7 @@ class DMDModel(ComposerModel):
         self.keep_frozen_in_state_dict = False
         self._register_state_dict_hook(_drop_frozen_keys)
         self.register_load_state_dict_post_hook(_allow_missing_frozen_keys)
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys)  # checkpoints of earlier versions
 
     # -- Composer plumbing --------------------------------------------------------------------------------------------
 
@@ -145,28 +152,28 @@ class DMDModel(ComposerModel):
 
     @property
     def device(self) -> torch.device:
-        return self.ttur_step.device
+        return self.batches_seen.device
 
     # -- phases (PhaseController) -------------------------------------------------------------------------------------
 
     def is_generator_batch(self) -> bool:
         """Whether the current batch has a generator phase (TTUR)."""
-        return int(self.ttur_step) % self.gen_every == 0
+        return int(self.batches_seen) % self.gen_every == 0
 
     def training_phases(self) -> list[Phase]:
         return [GENERATOR_PHASE, CRITIC_PHASE] if self.is_generator_batch() else [CRITIC_PHASE]
 
     def begin_phase(self, phase: Phase) -> None:
-        self.phase = phase.name
+        self.phase = phase.kind
         self.phase_active = True
 
     def end_phase(self, phase: Phase) -> None:
-        if phase.name == GENERATOR_PHASE.name:
+        if phase.kind is TrainingPhase.GENERATOR:
             self.generator_stepped = True
 
     def end_batch(self) -> None:
-        self.ttur_step += 1
-        self.phase = CRITIC_PHASE.name
+        self.batches_seen += 1
+        self.phase = TrainingPhase.CRITIC
         self.phase_active = False
         self.generator_stepped = False
         self._sample_cache.clear()
@@ -175,7 +182,7 @@ class DMDModel(ComposerModel):
     # -- randomness ---------------------------------------------------------------------------------------------------
 
     def rng(self, purpose: str, per_rank: bool = True) -> torch.Generator:
-        """The batch's random stream for ``purpose``, seeded by ``(seed, rank, ttur_step, purpose)``.
+        """The batch's random stream for ``purpose``, seeded by ``(seed, rank, batches_seen, purpose)``.
 
         Each purpose (generator input, DMD noise, an algorithm's draws, ...) has its own stream, so enabling an
         algorithm or reordering them never changes another component's noise. ``per_rank=False`` gives the same
@@ -184,9 +191,9 @@ class DMDModel(ComposerModel):
         key = (purpose, per_rank)
         if key not in self._streams:
             rank = dist.get_global_rank() if per_rank else -1
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(_stream_seed(self.seed, rank, int(self.ttur_step), purpose))
-            self._streams[key] = gen
+            rng = torch.Generator(device=self.device)
+            rng.manual_seed(_stream_seed(self.seed, rank, int(self.batches_seen), purpose))
+            self._streams[key] = rng
         return self._streams[key]
 
     # -- data ---------------------------------------------------------------------------------------------------------
@@ -252,8 +259,12 @@ class DMDModel(ComposerModel):
     def generator_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.family.velocity(self.generator, x, sigma, cond)
 
-    def generator_pass(self, batch: dict[str, Any], with_grad: bool) -> dict[str, Any]:
-        """Pick the generator input (backward simulation or noised real latents) and take one generator step."""
+    def generator_pass(self, batch: dict[str, Any], with_grad: bool) -> GeneratorStep:
+        """Pick the generator input (backward simulation or noised real latents) and take one generator step.
+
+        Returns:
+            GeneratorStep: The step, for the generator phase if ``with_grad`` else for the critic phase.
+        """
         cond = self.conditioning(batch)
         n = self.batch_size(batch)
         shape = (n, *self.latent_shape)
@@ -280,42 +291,46 @@ class DMDModel(ComposerModel):
         with torch.set_grad_enabled(with_grad):
             v = self.generator_velocity(x_t, sigma, cond)
             x0 = flow.x0_from_velocity(x_t, v, sigma)
-        return {
-            'phase': GENERATOR_PHASE.name if with_grad else CRITIC_PHASE.name,
-            'x_t': x_t,
-            'sigma': sigma,
-            'sigma_next': self.sigmas.to(self.device)[index + 1].float(),
-            'anchor_index': index,
-            'velocity': v,
-            'x0': x0,
-            'cond': cond,
-            'backward_simulation': backsim,
-        }
+        return GeneratorStep(
+            phase=TrainingPhase.GENERATOR if with_grad else TrainingPhase.CRITIC,
+            x_t=x_t,
+            sigma=sigma,
+            sigma_next=self.sigmas.to(self.device)[index + 1].float(),
+            anchor_index=index,
+            velocity=v,
+            x0=x0,
+            cond=cond,
+            backward_simulation=backsim,
+        )
 
     # -- ComposerModel ------------------------------------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def forward(self, batch: dict[str, Any]) -> GeneratorStep:
+        """The generator step of the current phase (Composer's ``state.outputs``).
+
+        The generator phase takes a step with gradient (and keeps it for the critic); the critic phase gets a detached
+        copy of that step (its :attr:`~GeneratorStep.scratch` included), or, on a batch without a generator phase, a
+        step taken without gradient.
+        """
         if not self.phase_active:
             raise RuntimeError('DMDModel trains inside PhasedAdamW.step(closure), which sets the phase; this forward '
                                'ran outside it (an optimizer other than PhasedAdamW, or precision amp_fp16, which '
                                'steps without a closure). Use precision fp32 or amp_bf16 and PhasedAdamW.')
-        if self.phase == GENERATOR_PHASE.name:
-            out = self.generator_pass(batch, with_grad=True)
-            self._sample_cache.append(out)
-            return out
+        if self.phase is TrainingPhase.GENERATOR:
+            step = self.generator_pass(batch, with_grad=True)
+            self._sample_cache.append(step)
+            return step
         if self._sample_cache:
             # The critic learns from the sample of this iteration's generator phase (pre-update generator).
-            gen_out = self._sample_cache.pop(0)
-            out = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in gen_out.items()}
-            out['phase'] = CRITIC_PHASE.name
-            return out
+            return self._sample_cache.pop(0).detached(TrainingPhase.CRITIC)
         return self.generator_pass(batch, with_grad=False)
 
-    def loss(self, outputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        if outputs['phase'] == GENERATOR_PHASE.name:
-            name, value = 'generator/dmd', self.dmd_loss(outputs['x0'], outputs['cond'])
+    def loss(self, outputs: GeneratorStep, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The DMD loss of a generator-phase step, the fake score's flow matching loss of a critic-phase step."""
+        if outputs.phase is TrainingPhase.GENERATOR:
+            name, value = 'generator/dmd', self.dmd_loss(outputs.x0, outputs.cond)
         else:
-            name, value = 'fake_score/flow_matching', self.fake_score_loss(outputs['x0'], outputs['cond'])
+            name, value = 'fake_score/flow_matching', self.fake_score_loss(outputs.x0, outputs.cond)
         self._weighted_terms = {name: value}
         return {'total': value, name: value}
 
@@ -333,22 +348,22 @@ class DMDModel(ComposerModel):
 
     def dmd_loss(self, x0: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """DMD loss: noise x0 to a fresh sigma; teacher (guided) and fake score (unguided) denoise it."""
-        gen = self.rng('dmd')
+        rng = self.rng('dmd')
         n = x0.shape[0]
-        sigma = self.family.dmd_sigma(n, gen, device=self.device).float()
+        sigma = self.family.dmd_sigma(n, rng, device=self.device).float()
         with torch.no_grad():
-            x_t = flow.add_noise(x0.detach(), flow.sample_noise(x0.shape, gen, device=self.device), sigma)
-            guidance = sample_uniform(self.dmd_guidance, n, gen)
+            x_t = flow.add_noise(x0.detach(), flow.sample_noise(x0.shape, rng, device=self.device), sigma)
+            guidance = sample_uniform(self.dmd_guidance, n, rng)
             x0_real = flow.x0_from_velocity(x_t, self.family.velocity(self.teacher, x_t, sigma, cond, guidance), sigma)
             x0_fake = flow.x0_from_velocity(x_t, self.family.velocity(self.fake_score, x_t, sigma, cond), sigma)
         return flow.dmd_loss(x0, x0_real, x0_fake)
 
     def fake_score_loss(self, x0: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Flow matching of the fake score on the detached generator sample (logit-normal sigma, weight 1)."""
-        gen = self.rng('fake_score')
+        rng = self.rng('fake_score')
         x0 = x0.detach()
-        sigma = self.family.fake_sigma(x0.shape[0], gen, device=self.device).float()
-        noise = flow.sample_noise(x0.shape, gen, device=self.device)
+        sigma = self.family.fake_score_sigma(x0.shape[0], rng, device=self.device).float()
+        noise = flow.sample_noise(x0.shape, rng, device=self.device)
         v = self.family.velocity(self.fake_score, flow.add_noise(x0, noise, sigma), sigma, cond)
         return torch.nn.functional.mse_loss(v, noise - x0)
 
@@ -357,6 +372,18 @@ class DMDModel(ComposerModel):
 
     def get_metrics(self, is_train: bool = False):
         return {}
+
+
+#: State-dict keys of checkpoints written by earlier versions -> their current names.
+LEGACY_KEYS = {'ttur_step': 'batches_seen'}
+
+
+def _rename_legacy_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                        error_msgs):
+    """Load-state-dict pre-hook: rename the keys of older checkpoints (:data:`LEGACY_KEYS`) in place."""
+    for old, new in LEGACY_KEYS.items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
 
 
 def _frozen(module: DMDModel, key: str, prefix: str = '') -> bool:

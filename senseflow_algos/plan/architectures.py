@@ -110,7 +110,7 @@ def meta_components(family: ModelFamily, folder: Path, student_dtype: torch.dtyp
     Mirrors the families' ``load_components``: FLUX's generator is the teacher without its guidance embedding, SD
     3.5's a copy of the teacher; the conditioner holds the text encoders (no tokenizers: the planner feeds token ids).
     """
-    from senseflow_algos.models.families import FluxConditioner, SD3Conditioner
+    from senseflow_algos.models.families import FluxConditioner, SD35Conditioner
     from senseflow_algos.models.families.flux import without_guidance_embedding
 
     with torch.device('meta'):
@@ -130,7 +130,7 @@ def meta_components(family: ModelFamily, folder: Path, student_dtype: torch.dtyp
             if family.name == 'flux':
                 conditioner = FluxConditioner(encoders[0], None, encoders[1], None, max_sequence_length=length)
             else:
-                conditioner = SD3Conditioner(encoders[0], None, encoders[1], None, encoders[2], None,
+                conditioner = SD35Conditioner(encoders[0], None, encoders[1], None, encoders[2], None,
                                              max_sequence_length=length)
     scheduler = folder / 'scheduler' / 'scheduler_config.json'
     return Components(teacher=teacher, student=student, vae=vae if vae_encoder else drop_vae_encoder(vae),

@@ -107,8 +107,8 @@ def student_images(model, prompts: Sequence[str], seed: int = 0, method: str = '
     parts = SamplingComponents.from_model(model)
     out = []
     for i in range(0, len(prompts), BATCH):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        out.append(sample(parts, list(prompts[i:i + BATCH]), generator=gen, method=method).images * 2 - 1)
+        rng = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        out.append(sample(parts, list(prompts[i:i + BATCH]), rng=rng, method=method).images * 2 - 1)
     return torch.cat(out)
 
 

@@ -47,7 +47,7 @@ def test_trains_twice_in_a_row(name, algo_trainer):
     trainer.fit()
     trainer.fit(duration='1ba')
     assert int(trainer.state.timestamp.batch) == 3
-    assert int(trainer.state.model.ttur_step) == 3
+    assert int(trainer.state.model.batches_seen) == 3
 
 
 @pytest.mark.parametrize('name', list(ALGORITHMS))
@@ -56,7 +56,7 @@ def test_resumes_identically(name, algo_trainer, tmp_path):
     full = algo_trainer(cfg, save_folder=str(tmp_path / 'full'), save_interval='1ba')
     full.fit()
     resumed = algo_trainer(cfg, load_path=str(tmp_path / 'full' / 'ep0-ba2-rank0.pt'))
-    assert int(resumed.state.timestamp.batch) == 2 and int(resumed.state.model.ttur_step) == 2
+    assert int(resumed.state.timestamp.batch) == 2 and int(resumed.state.model.batches_seen) == 2
     resumed.fit()
     _assert_same(_final_state(full), _final_state(resumed))
 

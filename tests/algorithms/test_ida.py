@@ -9,6 +9,7 @@ from torch import nn
 
 from senseflow_algos.algorithms import ImplicitDistributionAlignment
 from senseflow_algos.functional import align_fake_score
+from senseflow_algos.optim import TrainingPhase
 from tests.algorithms.conftest import EventRecorder, snapshot, tiny_config
 
 
@@ -55,10 +56,10 @@ def test_in_training_exact_after_generator_steps_noop_otherwise(algo_trainer):
 
     def record(event, state):
         model = state.model
-        if event == Event.AFTER_TRAIN_BATCH and model.phase == 'generator':
+        if event == Event.AFTER_TRAIN_BATCH and model.phase is TrainingPhase.GENERATOR:
             return ('fake_before_ida', snapshot(model.fake_score))
-        if event == Event.BEFORE_TRAIN_BATCH and model.phase == 'critic':
-            return ('critic_start', int(model.ttur_step), model.generator_stepped, snapshot(model.generator),
+        if event == Event.BEFORE_TRAIN_BATCH and model.phase is TrainingPhase.CRITIC:
+            return ('critic_start', int(model.batches_seen), model.generator_stepped, snapshot(model.generator),
                     snapshot(model.fake_score))
         if event == Event.BATCH_END:
             return ('batch_end', snapshot(model.fake_score))

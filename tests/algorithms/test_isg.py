@@ -8,7 +8,8 @@ import torch
 from senseflow_algos import flow
 from senseflow_algos.algorithms import IntraSegmentGuidance
 from senseflow_algos.functional import isg_loss, isg_target
-from senseflow_algos.models.families import FluxFamily, SD3Family
+from senseflow_algos.models.families import FluxFamily, SD35Family
+from senseflow_algos.optim import TrainingPhase
 from tests.algorithms.conftest import LossRecorder, tiny_config
 
 
@@ -61,7 +62,7 @@ def test_gradient_only_through_direct_step():
 #: index -> sigma map, by hand (FLUX t / 1000; SD 3.5 shift3((t + 1) / 1000), and index 0 of the end point is sigma 0).
 SEGMENTS = {
     'flux': (FluxFamily(), [1000, 904, 759, 512, 0], 20, lambda t: t / 1000),
-    'sd35': (SD3Family(), [999, 749, 499, 249, 0], 50, lambda t: 3 * (t + 1) / 1000 / (1 + 2 * (t + 1) / 1000)),
+    'sd35': (SD35Family(), [999, 749, 499, 249, 0], 50, lambda t: 3 * (t + 1) / 1000 / (1 + 2 * (t + 1) / 1000)),
 }
 
 
@@ -100,7 +101,7 @@ def test_training_adds_weighted_term_and_generator_grad_forward_once(algo_traine
         assert entry['loss/train/generator/isg'] > 0
     assert 'loss/train/generator/isg' not in losses.losses[1]
     # Exactly one generator forward with gradient per generator phase; the teacher never builds a graph.
-    assert sum(1 for phase, grad in calls if phase == 'generator' and grad) == 2
+    assert sum(1 for phase, grad in calls if phase is TrainingPhase.GENERATOR and grad) == 2
     assert not any(grad for who, grad in calls if who == 'teacher')
     assert sum(1 for who, _ in calls if who == 'teacher') == 4  # DMD real score + ISG step, per generator batch
 

@@ -38,7 +38,7 @@ def test_only_heads_change_and_generator_term_leaves_heads_alone(algo_trainer):
         if event == Event.BEFORE_TRAIN_BATCH:
             # Parameters only: spectral norm's power-iteration buffers advance on every forward by design.
             heads = {k: v.detach().clone() for k, v in model.discriminator.named_parameters()}
-            return (model.phase, int(model.ttur_step), heads, snapshot(model.generator))
+            return (model.phase, int(model.batches_seen), heads, snapshot(model.generator))
         return None
 
     recorder, losses = EventRecorder(record), LossRecorder()
@@ -47,7 +47,7 @@ def test_only_heads_change_and_generator_term_leaves_heads_alone(algo_trainer):
     backbone_before, teacher_before = snapshot(model.vfm_backbone), snapshot(model.teacher)
     trainer.fit()
     recs = recorder.records
-    assert [(phase, step) for phase, step, *_ in recs] == [('generator', 0), ('critic', 0), ('critic', 1),
+    assert [(phase.value, step) for phase, step, *_ in recs] == [('generator', 0), ('critic', 0), ('critic', 1),
                                                            ('generator', 2), ('critic', 2)]
     # Generator phase -> critic phase of batch 0: the generator moved, the heads did not.
     heads_gen, gen_gen = recs[0][2], recs[0][3]
@@ -117,7 +117,7 @@ def test_anchor_weight_used_in_training_is_the_reference_codes(algo_trainer, mon
 
     def recording(loss_fn, term):
         def wrapped(*args):
-            seen.append((term, args[-1].detach().clone(), trainer.state.outputs['sigma'].detach().clone()))
+            seen.append((term, args[-1].detach().clone(), trainer.state.outputs.sigma.detach().clone()))
             return loss_fn(*args)
         return wrapped
 

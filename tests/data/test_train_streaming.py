@@ -139,7 +139,7 @@ def test_prompt_only_data_trains_by_backward_simulation(make_trainer, tmp_path, 
     class Outputs(Callback):
 
         def after_forward(self, state, logger):
-            outputs.append(bool(state.outputs['backward_simulation']))
+            outputs.append(bool(state.outputs.backward_simulation))
 
     trainer.state.callbacks.append(Outputs())
     trainer.fit()

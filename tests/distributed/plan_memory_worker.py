@@ -83,7 +83,7 @@ class AllocationProbe(Callback):
     def run_event(self, event, state, logger):
         if event == Event.AFTER_BACKWARD:
             model = state.model
-            phase = self.grads.setdefault(model.phase, {})
+            phase = self.grads.setdefault(model.phase.value, {})
             for name in NETWORKS:
                 phase[name] = max(phase.get(name, 0), _storage_bytes(_grads(getattr(model, name))))
 

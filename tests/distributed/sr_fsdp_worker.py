@@ -94,9 +94,9 @@ def full_weights(net: nn.Module, version: str) -> list[torch.Tensor]:
 def main(version: str) -> int:
     dist.init_process_group('gloo')
     rank = dist.get_rank()
-    gen = torch.Generator().manual_seed(0)  # same draws on every rank
-    weights = [(torch.randn(256, 200, generator=gen) * 0.02).to(torch.bfloat16) for _ in range(2)]
-    grads = [[torch.randn(256, 200, generator=gen) for _ in range(2)] for _ in range(STEPS)]
+    rng = torch.Generator().manual_seed(0)  # same draws on every rank
+    weights = [(torch.randn(256, 200, generator=rng) * 0.02).to(torch.bfloat16) for _ in range(2)]
+    grads = [[torch.randn(256, 200, generator=rng) for _ in range(2)] for _ in range(STEPS)]
     net = Net([w.clone() for w in weights])
     if version == 'fsdp2':
         mesh = torch.distributed.device_mesh.init_device_mesh('cpu', (dist.get_world_size(),))

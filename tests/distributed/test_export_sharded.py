@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from senseflow_algos.export import BARE_WEIGHTS, main, pipeline_call_kwargs
-from senseflow_algos.sampling import seeded_default_generator
+from senseflow_algos.sampling import seeded_default_rng
 from tests.distributed.conftest import BATCHES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ def _images(folder: Path) -> torch.Tensor:
 
     pipe = DiffusionPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
-    return pipe(PROMPTS, generator=seeded_default_generator(0), output_type='pt', **pipeline_call_kwargs(folder)).images
+    return pipe(PROMPTS, generator=seeded_default_rng(0), output_type='pt', **pipeline_call_kwargs(folder)).images
 
 
 def _bare(folder: Path) -> dict:
@@ -120,7 +120,7 @@ def test_export_from_an_object_store_end_to_end(s3, straight, tmp_path):
     names = {o['Key'] for o in s3.list_objects_v2(Bucket='senseflow')['Contents']}
     assert {'runs/tiny/run_config.yaml', 'runs/tiny/ep0-ba2-rank0.pt', 'runs/tiny/latest-rank0.pt.symlink'} <= names
     assert main(['s3://senseflow/runs/tiny', str(tmp_path / 'from_s3')]) == 0
-    live = sample(trainer.state.model, PROMPTS, generator=seeded_default_generator(0)).images
+    live = sample(trainer.state.model, PROMPTS, rng=seeded_default_rng(0)).images
     diff = (_images(tmp_path / 'from_s3') - live).abs().max().item()
     print(f'object store (unsharded): max |export - trained model| = {diff:.3g}')
     assert diff <= 1e-5  # the pipeline's FLUX timestep path differs from the in-repo sampler by float rounding

@@ -1,7 +1,7 @@
 """The lean start on gloo CPU processes under Composer's FSDP1 and FSDP2, for FLUX (and SD 3.5, slow) loaded from
 saved pipeline folders: every rank but rank 0 builds the teacher, generator and fake score on the meta device, rank 0
 loads them, and every parameter and buffer of the model (frozen networks, SD3's ``pos_embed``, non-persistent buffers,
-the VFM backbone and heads, ``ttur_step``) equals the old start's, on every rank, right after wrapping and after a
+the VFM backbone and heads, ``batches_seen``) equals the old start's, on every rank, right after wrapping and after a
 training batch, with full sharding and (slow) with hybrid sharding on 2 x 2 ranks. The teacher, the VAE and CLIP also
 equal the tensors in the folder's safetensors files, and SD3's ``pos_embed`` the one diffusers computes when it loads
 the transformer itself."""
@@ -81,7 +81,7 @@ def test_lean_start_equals_old_start(runs, version):
         state = lean['wrapped']
         networks = {k.split('.')[0] for k in state}
         assert {'teacher', 'generator', 'fake_score', 'vae', 'conditioner', 'vfm_backbone', 'discriminator'} <= networks
-        assert any(k.startswith('buffer:vfm_backbone.') for k in state) and 'buffer:ttur_step' in state
+        assert any(k.startswith('buffer:vfm_backbone.') for k in state) and 'buffer:batches_seen' in state
         for net in ('generator', 'fake_score'):
             assert any(not torch.equal(state[k], lean['trained'][k]) for k in state if k.startswith(f'{net}.')), net
 

@@ -36,9 +36,9 @@ def test_pipeline_call_makes_an_image(pipe):
 
 
 def test_in_repo_sampler_matches_the_pipeline(pipe):
-    gen = torch.Generator().manual_seed(3)
+    rng = torch.Generator().manual_seed(3)
     lat = pipe('a blue square above a yellow triangle', height=32, width=32, num_inference_steps=6,
-               guidance_scale=3.0, max_sequence_length=C.MAX_SEQUENCE_LENGTH, generator=gen,
+               guidance_scale=3.0, max_sequence_length=C.MAX_SEQUENCE_LENGTH, generator=rng,
                output_type='latent').images
     noise = torch.randn((1, C.LATENT_CHANNELS, 8, 8), generator=torch.Generator().manual_seed(3))
     sampler = TeacherSampler.from_pipeline(pipe)

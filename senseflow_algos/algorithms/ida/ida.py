@@ -11,8 +11,9 @@ from composer.loggers import Logger
 from torch import nn
 
 from senseflow_algos.algorithms.utils import get_dmd_model
+from senseflow_algos.optim import TrainingPhase
 from senseflow_algos.stochastic_rounding import (
-    DeviceGenerators,
+    DeviceRngs,
     copy_stochastic_,
     draw_seed,
     is_low_precision,
@@ -90,10 +91,10 @@ def align_fake_score(fake_score: nn.Module, generator: nn.Module, lam: float = 0
         torch._foreach_lerp_([d for d, _ in exact], [s.to(d.dtype) for d, s in exact], 1.0 - lam)
     low = [(d, s) for d, s in zip(dst, src) if is_low_precision(d)]
     if low:
-        generators = DeviceGenerators(draw_seed(rounding))
+        rngs = DeviceRngs(draw_seed(rounding))
         for d, s in low:
             phi = local_tensor(d).float().lerp_(local_tensor(s).float(), 1.0 - lam)
-            copy_stochastic_(d, phi, generators(phi.device))
+            copy_stochastic_(d, phi, rngs(phi.device))
 
 
 class ImplicitDistributionAlignment(Algorithm):
@@ -127,7 +128,7 @@ class ImplicitDistributionAlignment(Algorithm):
         if event != Event.BEFORE_TRAIN_BATCH:
             return False
         model = get_dmd_model(state, 'IDA')
-        return model.phase == 'critic' and model.generator_stepped
+        return model.phase is TrainingPhase.CRITIC and model.generator_stepped
 
     def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
         model = get_dmd_model(state, 'IDA')

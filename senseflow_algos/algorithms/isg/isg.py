@@ -10,7 +10,9 @@ from composer.loggers import Logger
 
 from senseflow_algos import flow
 from senseflow_algos.algorithms.utils import get_dmd_model
-from senseflow_algos.models.dmd import GENERATOR_PHASE, sample_uniform
+from senseflow_algos.models.dmd import sample_uniform
+from senseflow_algos.models.step import GeneratorStep
+from senseflow_algos.optim import TrainingPhase
 
 __all__ = ['isg_target', 'isg_loss', 'check_segments', 'IntraSegmentGuidance', 'DEFAULT_ISG_GUIDANCE']
 
@@ -118,20 +120,20 @@ class IntraSegmentGuidance(Algorithm):
     def match(self, event: Event, state: State) -> bool:
         if event == Event.INIT:
             return True
-        return event == Event.AFTER_LOSS and get_dmd_model(state, 'ISG').phase == GENERATOR_PHASE.name
+        return event == Event.AFTER_LOSS and get_dmd_model(state, 'ISG').phase is TrainingPhase.GENERATOR
 
     def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
         model = get_dmd_model(state, 'ISG')
         if event == Event.INIT:
             check_segments(model.family, model.sigmas, self.margin)  # fail at start, not at the first generator step
             return None
-        out = state.outputs
-        x, v, cond = out['x_t'], out['velocity'], out['cond']
-        sigma, sigma_next = out['sigma'], out['sigma_next']
+        step: GeneratorStep = state.outputs
+        x, v, cond = step.x_t, step.velocity, step.cond
+        sigma, sigma_next = step.sigma, step.sigma_next
         family = model.family
-        gen = model.rng('isg')
-        sigma_mid = family.isg_mid_sigma(sigma.double(), sigma_next.double(), gen, self.margin).float()
-        guidance = sample_uniform(self.guidance or DEFAULT_ISG_GUIDANCE[family.name], x.shape[0], gen)
+        rng = model.rng('isg')
+        sigma_mid = family.isg_mid_sigma(sigma.double(), sigma_next.double(), rng, self.margin).float()
+        guidance = sample_uniform(self.guidance or DEFAULT_ISG_GUIDANCE[family.name], x.shape[0], rng)
         target = isg_target(lambda y, s: family.velocity(model.teacher, y, s, cond, guidance),
                             lambda y, s: family.velocity(model.generator, y, s, cond), x, sigma, sigma_mid, sigma_next)
         loss = isg_loss(x, v, sigma, sigma_next, target, self.loss_type, self.charbonnier_c)

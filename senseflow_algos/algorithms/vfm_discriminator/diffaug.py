@@ -4,8 +4,8 @@ The same random transform family is applied to real and generated images before 
 every operation is differentiable so the generator still receives gradients through it. Images are expected in
 ``[-1, 1]`` (as the decoded VAE output is), laid out ``(B, C, H, W)``.
 
-All random numbers come from the ``generator`` argument (which must live on ``x``'s device), so a run is
-reproducible from a seed; with ``generator=None`` torch's global RNG is used.
+All random numbers come from the ``rng`` argument (which must live on ``x``'s device), so a run is
+reproducible from a seed; with ``rng=None`` torch's global RNG is used.
 """
 
 from __future__ import annotations
@@ -21,17 +21,17 @@ _TRANSLATION_RATIO = 1.0 / 8.0  # maximum shift, as a fraction of each side
 _CUTOUT_RATIO = 0.5  # side of the erased square, as a fraction of each side
 
 
-def _uniform(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+def _uniform(x: torch.Tensor, rng: Optional[torch.Generator]) -> torch.Tensor:
     """One U[0, 1) draw per sample, shaped ``(B, 1, 1, 1)`` to broadcast against ``x``."""
-    return torch.rand(x.shape[0], 1, 1, 1, generator=generator, device=x.device, dtype=x.dtype)
+    return torch.rand(x.shape[0], 1, 1, 1, generator=rng, device=x.device, dtype=x.dtype)
 
 
-def _randint(high: int, n: int, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
+def _randint(high: int, n: int, device: torch.device, rng: Optional[torch.Generator]) -> torch.Tensor:
     """``n`` integers uniform in ``[0, high)``."""
-    return torch.randint(0, high, (n,), generator=generator, device=device)
+    return torch.randint(0, high, (n,), generator=rng, device=device)
 
 
-def rand_color(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def rand_color(x: torch.Tensor, rng: Optional[torch.Generator] = None) -> torch.Tensor:
     """Per-sample brightness, saturation and contrast jitter (in that order).
 
     * brightness: add ``U[-0.5, 0.5)``;
@@ -40,21 +40,21 @@ def rand_color(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> 
 
     Args:
         x (Tensor): Images ``(B, C, H, W)`` in ``[-1, 1]``.
-        generator (torch.Generator, optional): Source of randomness, on ``x``'s device.
+        rng (torch.Generator, optional): Source of randomness, on ``x``'s device.
 
     Returns:
         Tensor: Jittered images, same shape (values may leave ``[-1, 1]``; they are not clamped).
     """
-    x = x + (_uniform(x, generator) - 0.5)
+    x = x + (_uniform(x, rng) - 0.5)
     mean = x.mean(dim=1, keepdim=True)
-    x = (x - mean) * (_uniform(x, generator) * 2.0) + mean
+    x = (x - mean) * (_uniform(x, rng) * 2.0) + mean
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * (_uniform(x, generator) + 0.5) + mean
+    x = (x - mean) * (_uniform(x, rng) + 0.5) + mean
     return x
 
 
 def rand_translation(
-    x: torch.Tensor, generator: Optional[torch.Generator] = None, ratio: float = _TRANSLATION_RATIO
+    x: torch.Tensor, rng: Optional[torch.Generator] = None, ratio: float = _TRANSLATION_RATIO
 ) -> torch.Tensor:
     """Shift each image by a random integer offset of up to ``ratio`` of its side; vacated pixels become 0.
 
@@ -62,7 +62,7 @@ def rand_translation(
 
     Args:
         x (Tensor): Images ``(B, C, H, W)``.
-        generator (torch.Generator, optional): Source of randomness, on ``x``'s device.
+        rng (torch.Generator, optional): Source of randomness, on ``x``'s device.
         ratio (float): Maximum shift as a fraction of the height / width.
 
     Returns:
@@ -73,8 +73,8 @@ def rand_translation(
     if sh == 0 and sw == 0:
         return x
     # Offsets in [-s, s]; out[i, j] = x[i - dy, j - dx], read from the padded copy at (i - dy + sh, j - dx + sw).
-    dy = _randint(2 * sh + 1, b, x.device, generator) - sh
-    dx = _randint(2 * sw + 1, b, x.device, generator) - sw
+    dy = _randint(2 * sh + 1, b, x.device, rng) - sh
+    dx = _randint(2 * sw + 1, b, x.device, rng) - sw
     padded = F.pad(x, [sw, sw, sh, sh])
     rows = torch.arange(h, device=x.device)[None, :] - dy[:, None] + sh  # (B, H)
     cols = torch.arange(w, device=x.device)[None, :] - dx[:, None] + sw  # (B, W)
@@ -85,13 +85,13 @@ def rand_translation(
 
 
 def rand_cutout(
-    x: torch.Tensor, generator: Optional[torch.Generator] = None, ratio: float = _CUTOUT_RATIO
+    x: torch.Tensor, rng: Optional[torch.Generator] = None, ratio: float = _CUTOUT_RATIO
 ) -> torch.Tensor:
     """Zero a square of ``ratio`` times each side, centred at a uniformly random pixel (clipped at the border).
 
     Args:
         x (Tensor): Images ``(B, C, H, W)``.
-        generator (torch.Generator, optional): Source of randomness, on ``x``'s device.
+        rng (torch.Generator, optional): Source of randomness, on ``x``'s device.
         ratio (float): Side of the erased region as a fraction of the height / width.
 
     Returns:
@@ -101,8 +101,8 @@ def rand_cutout(
     ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
     if ch == 0 or cw == 0:
         return x
-    top = _randint(h, b, x.device, generator) - ch // 2
-    left = _randint(w, b, x.device, generator) - cw // 2
+    top = _randint(h, b, x.device, rng) - ch // 2
+    left = _randint(w, b, x.device, rng) - cw // 2
     rows = torch.arange(h, device=x.device)[None, :]
     cols = torch.arange(w, device=x.device)[None, :]
     in_rows = (rows >= top[:, None]) & (rows < top[:, None] + ch)  # (B, H)
@@ -133,7 +133,7 @@ def _parse_policy(policy: str | Sequence[str] | None) -> list[str]:
 def diff_augment(
     x: torch.Tensor,
     policy: str | Sequence[str] | None = 'color,translation,cutout',
-    generator: Optional[torch.Generator] = None,
+    rng: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Apply DiffAugment to a batch of images, differentiably.
 
@@ -141,7 +141,7 @@ def diff_augment(
         x (Tensor): Images ``(B, C, H, W)`` in ``[-1, 1]``.
         policy (str | Sequence[str] | None): Comma-separated names (or a list) applied in order, from ``'color'``,
             ``'translation'`` and ``'cutout'``. Empty / ``None`` returns ``x`` unchanged.
-        generator (torch.Generator, optional): Source of every random draw; must be on ``x``'s device.
+        rng (torch.Generator, optional): Source of every random draw; must be on ``x``'s device.
             ``None`` uses torch's global RNG.
 
     Returns:
@@ -154,5 +154,5 @@ def diff_augment(
     if x.ndim != 4:
         raise ValueError(f'diff_augment expects (B, C, H, W) images, got shape {tuple(x.shape)}')
     for name in names:
-        x = DIFF_AUGMENT_POLICIES[name](x, generator)
+        x = DIFF_AUGMENT_POLICIES[name](x, rng)
     return x.contiguous()

@@ -19,17 +19,23 @@ from senseflow_algos.algorithms.vfm_discriminator.heads import (
     fitting_downsamples,
 )
 from senseflow_algos.algorithms.vfm_discriminator.losses import hinge_d_loss, hinge_g_loss
-from senseflow_algos.models.dmd import CRITIC_PHASE, GENERATOR_PHASE, DMDModel
+from senseflow_algos.models.dmd import DMDModel
+from senseflow_algos.models.step import GeneratorStep
+from senseflow_algos.optim import TrainingPhase
 
 __all__ = ['VFMDiscriminator', 'discriminator_logits', 'reference_features', 'enable_decoder_checkpointing']
 
 #: Names under which the discriminator joins the DMD model.
 BACKBONE_ATTR, HEADS_ATTR = 'vfm_backbone', 'discriminator'
+#: :attr:`GeneratorStep.scratch <senseflow_algos.models.step.GeneratorStep.scratch>` keys the discriminator shares
+#: between the phases of a batch: the backbone features of the real images (computed once per batch) and the
+#: generator sample decoded in the generator phase (the critic phase reuses it, detached).
+REFERENCE_KEY, PIXELS_KEY = 'vfm_reference', 'vfm_pixels'
 
 
 def discriminator_logits(backbone: VFMBackbone, heads: VFMDiscriminatorHeads, images: torch.Tensor,
                          text: torch.Tensor, ref_features: Sequence[torch.Tensor], augment: Optional[str] = None,
-                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                         rng: Optional[torch.Generator] = None) -> torch.Tensor:
     """Logits ``(B, N)`` of the heads for ``images`` in [-1, 1], conditioned on ``text`` and reference features.
 
     ``images`` are DiffAugmented (if ``augment`` is a policy) and keep their gradient path through the frozen
@@ -37,7 +43,7 @@ def discriminator_logits(backbone: VFMBackbone, heads: VFMDiscriminatorHeads, im
     without gradient or augmentation (:func:`reference_features`).
     """
     if augment:
-        images = diff_augment(images, augment, generator=generator)
+        images = diff_augment(images, augment, rng=rng)
     return heads(backbone(images), text, ref_features)
 
 
@@ -138,7 +144,7 @@ class VFMDiscriminator(Algorithm):
         if event != Event.AFTER_LOSS:
             return False
         phase = get_dmd_model(state, 'VFMDiscriminator').phase
-        return phase == CRITIC_PHASE.name or (phase == GENERATOR_PHASE.name and self.generator_weight > 0)
+        return phase is TrainingPhase.CRITIC or (phase is TrainingPhase.GENERATOR and self.generator_weight > 0)
 
     def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
         model = get_dmd_model(state, 'VFMDiscriminator')
@@ -149,30 +155,30 @@ class VFMDiscriminator(Algorithm):
         if real is None:
             raise KeyError("VFMDiscriminator needs real images: the batch has no 'image' (prompt-only or "
                            'latent-only data). Use a dataset with images or remove algorithms.vfm_discriminator.')
-        out = state.outputs
-        weight = model.family.adversarial_weight(out['sigma'].float())
-        text = out['cond']['pooled_prompt_embeds'].float()
+        step: GeneratorStep = state.outputs
+        weight = model.family.adversarial_weight(step.sigma.float())
+        text = step.cond['pooled_prompt_embeds'].float()
         backbone, heads = getattr(model, BACKBONE_ATTR), getattr(model, HEADS_ATTR)
         real = real.float()
         # The reference features of a batch are computed once; the critic phase of a generator batch reuses them.
-        if 'vfm_reference' not in out:
-            out['vfm_reference'] = reference_features(backbone, real)
-        ref = out['vfm_reference']
-        if model.phase == GENERATOR_PHASE.name:
-            pixels = model.family.decode_latents(model.vae, out['x0'])  # with gradient into the generator
-            out['pixels'] = pixels  # the critic phase of this batch reuses it, detached
+        if REFERENCE_KEY not in step.scratch:
+            step.scratch[REFERENCE_KEY] = reference_features(backbone, real)
+        ref = step.scratch[REFERENCE_KEY]
+        if model.phase is TrainingPhase.GENERATOR:
+            pixels = model.family.decode_latents(model.vae, step.x0)  # with gradient into the generator
+            step.scratch[PIXELS_KEY] = pixels  # the critic phase of this batch reuses it, detached
             logits = discriminator_logits(backbone, heads, pixels, text, ref, self.augment, model.rng('vfm_generator'))
             model.add_loss_term(state.loss, 'generator/adversarial', hinge_g_loss(logits, weight),
                                 self.generator_weight)
             return None
-        if 'pixels' in out:
-            pixels = out['pixels'].detach()
+        if PIXELS_KEY in step.scratch:
+            pixels = step.scratch[PIXELS_KEY].detach()
         else:
             with torch.no_grad():
-                pixels = model.family.decode_latents(model.vae, out['x0'].detach())
-        gen = model.rng('vfm_discriminator')
-        logits_fake = discriminator_logits(backbone, heads, pixels, text, ref, self.augment, gen)
-        logits_real = discriminator_logits(backbone, heads, real, text, ref, self.augment, gen)
+                pixels = model.family.decode_latents(model.vae, step.x0.detach())
+        rng = model.rng('vfm_discriminator')
+        logits_fake = discriminator_logits(backbone, heads, pixels, text, ref, self.augment, rng)
+        logits_real = discriminator_logits(backbone, heads, real, text, ref, self.augment, rng)
         model.add_loss_term(state.loss, 'discriminator/hinge', hinge_d_loss(logits_real, logits_fake, weight))
         return None
 

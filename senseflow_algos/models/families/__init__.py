@@ -3,10 +3,10 @@ registered in :data:`FAMILIES`."""
 
 from senseflow_algos.models.families.base import UNIFORM_ANCHORS, Components, Conditioning, ModelFamily
 from senseflow_algos.models.families.flux import FluxConditioner, FluxFamily
-from senseflow_algos.models.families.sd3 import SD3Conditioner, SD3Family
+from senseflow_algos.models.families.sd35 import SD35Conditioner, SD35Family
 
 #: ``model.family`` in YAML -> family class.
-FAMILIES: dict[str, type[ModelFamily]] = {FluxFamily.name: FluxFamily, SD3Family.name: SD3Family}
+FAMILIES: dict[str, type[ModelFamily]] = {FluxFamily.name: FluxFamily, SD35Family.name: SD35Family}
 
 
 def get_family(name: str, **kwargs) -> ModelFamily:
@@ -18,5 +18,5 @@ def get_family(name: str, **kwargs) -> ModelFamily:
 
 __all__ = [
     'Components', 'Conditioning', 'ModelFamily', 'UNIFORM_ANCHORS', 'FAMILIES', 'get_family', 'FluxFamily',
-    'FluxConditioner', 'SD3Family', 'SD3Conditioner'
+    'FluxConditioner', 'SD35Family', 'SD35Conditioner'
 ]

@@ -143,11 +143,11 @@ class ModelFamily(abc.ABC):
         """Inverse of :meth:`index_to_sigma` onto the integer grid, as the family's reference code (sigma 0 maps to 0)."""
 
     @abc.abstractmethod
-    def dmd_sigma(self, n: int, generator: torch.Generator, device=None) -> torch.Tensor:
+    def dmd_sigma(self, n: int, rng: torch.Generator, device=None) -> torch.Tensor:
         """Sigmas at which the DMD loss compares teacher and fake score."""
 
     @abc.abstractmethod
-    def fake_sigma(self, n: int, generator: torch.Generator, device=None) -> torch.Tensor:
+    def fake_score_sigma(self, n: int, rng: torch.Generator, device=None) -> torch.Tensor:
         """Sigmas for the fake score's flow-matching loss (logit-normal, family-shifted)."""
 
     #: Per-anchor GAN weightings this family offers (``model.family_kwargs.adversarial_weighting``).
@@ -214,7 +214,7 @@ class ModelFamily(abc.ABC):
     def _as_sigma(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0]).to(torch.float32)
 
-    def isg_mid_sigma(self, sigma_cur: torch.Tensor, sigma_next: torch.Tensor, generator: torch.Generator,
+    def isg_mid_sigma(self, sigma_cur: torch.Tensor, sigma_next: torch.Tensor, rng: torch.Generator,
                       margin: Optional[int] = None) -> torch.Tensor:
         """A random intermediate sigma inside each segment, uniform on the integer index grid.
 
@@ -227,7 +227,7 @@ class ModelFamily(abc.ABC):
         if (hi < lo).any():
             raise ValueError(f'ISG margin {margin} leaves no room inside a segment '
                              f'(index ranges {lo.tolist()}..{hi.tolist()})')
-        u = torch.rand(lo.shape, generator=generator, dtype=torch.float64, device=generator.device).to(lo.device)
+        u = torch.rand(lo.shape, generator=rng, dtype=torch.float64, device=rng.device).to(lo.device)
         t_mid = lo + torch.floor(u * (hi - lo + 1))
         return self.index_to_sigma(t_mid)
 

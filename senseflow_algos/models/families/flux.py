@@ -179,12 +179,12 @@ class FluxFamily(ModelFamily):
         # keeps grid sigmas i/1000 on i despite float rounding.
         return torch.floor(torch.as_tensor(sigma, dtype=torch.float64) * 1000 + 1e-6)
 
-    def dmd_sigma(self, n, generator, device=None):
+    def dmd_sigma(self, n, rng, device=None):
         # FLUX's scheduler holds unshifted sigmas at init, so the reference samples a plain logit-normal.
-        return flow.sample_logit_normal(n, generator, device=device)
+        return flow.sample_logit_normal(n, rng, device=device)
 
-    def fake_sigma(self, n, generator, device=None):
-        return flow.sample_logit_normal(n, generator, device=device)
+    def fake_score_sigma(self, n, rng, device=None):
+        return flow.sample_logit_normal(n, rng, device=device)
 
     # -- networks -----------------------------------------------------------------------------------------------------
 

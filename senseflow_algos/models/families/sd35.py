@@ -16,7 +16,7 @@ from senseflow_algos.models.families.base import (
     shifted_anchors,
 )
 
-__all__ = ['SD3Family', 'SD3Conditioner', 'float32_timestep']
+__all__ = ['SD35Family', 'SD35Conditioner', 'float32_timestep']
 
 
 @contextlib.contextmanager
@@ -41,7 +41,7 @@ def float32_timestep(net: torch.nn.Module, timestep: torch.Tensor):
         handle.remove()
 
 
-class SD3Conditioner(torch.nn.Module):
+class SD35Conditioner(torch.nn.Module):
     """Frozen CLIP-L + CLIP-G + T5 prompt encoder through ``StableDiffusion3Pipeline.encode_prompt``.
 
     Also returns the empty-prompt embeddings (``negative_*``) that the CFG teacher uses as its unconditional branch.
@@ -78,7 +78,7 @@ class SD3Conditioner(torch.nn.Module):
                 'negative_pooled_prompt_embeds': neg_pooled}
 
 
-class SD3Family(ModelFamily):
+class SD35Family(ModelFamily):
     """SD 3.5: anchors ``shift3({1, .75, .5, .25}) = {1, .9, .75, .5}``; index ``i`` maps to ``shift3((i+1)/1000)``.
 
     Args:
@@ -134,7 +134,7 @@ class SD3Family(ModelFamily):
         def clip(sub):
             return CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder=sub, torch_dtype=torch_dtype, **kw)
 
-        return SD3Conditioner(
+        return SD35Conditioner(
             clip('text_encoder'), AutoTokenizer.from_pretrained(pretrained, subfolder='tokenizer', **kw),
             clip('text_encoder_2'), AutoTokenizer.from_pretrained(pretrained, subfolder='tokenizer_2', **kw),
             T5EncoderModel.from_pretrained(pretrained, subfolder='text_encoder_3', torch_dtype=torch_dtype, **kw),
@@ -145,7 +145,7 @@ class SD3Family(ModelFamily):
         from senseflow_algos.models.tiny import build_tiny_sd3_pipeline
 
         pipe = build_tiny_sd3_pipeline(seed=seed)
-        conditioner = SD3Conditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
+        conditioner = SD35Conditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
                                      pipe.text_encoder_3, pipe.tokenizer_3,
                                      max_sequence_length=pipe.tokenizer_3.model_max_length)
         return Components(
@@ -167,13 +167,13 @@ class SD3Family(ModelFamily):
     def sigma_to_index(self, sigma):
         return torch.round(flow.unshift_sigma(sigma, self.shift) * 1000 - 1).clamp_min(0)
 
-    def dmd_sigma(self, n, generator, device=None):
+    def dmd_sigma(self, n, rng, device=None):
         lo, hi = self.dmd_index_range
-        idx = torch.randint(lo, hi + 1, (n,), generator=generator, device=device)
+        idx = torch.randint(lo, hi + 1, (n,), generator=rng, device=device)
         return self.index_to_sigma(idx)
 
-    def fake_sigma(self, n, generator, device=None):
-        return flow.shift_sigma(flow.sample_logit_normal(n, generator, device=device), self.shift)
+    def fake_score_sigma(self, n, rng, device=None):
+        return flow.shift_sigma(flow.sample_logit_normal(n, rng, device=device), self.shift)
 
     def _adversarial_weight(self, sigma):
         # scheduler_sigma_squared: the scheduler's sigmas run from noise to clean (sigmas[i] = index_to_sigma(999 - i))
