@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from senseflow_algos import flow
+from senseflow_algos.dtypes import DTYPES
 from senseflow_algos.export_lora import fused_copy, has_lora, write_lora_export
 from senseflow_algos.sampling import METHODS, SamplingComponents
 
@@ -65,9 +66,6 @@ PIPELINE_CLASSES = {'flux': 'FluxPipeline', 'sd35': 'StableDiffusion3Pipeline'}
 EXPORT_INFO = 'senseflow_export.json'
 #: The bare generator weights (the diffusers transformer's state dict).
 BARE_WEIGHTS = 'generator.safetensors'
-
-_DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
 
 class ExportError(ValueError):
     """An export that cannot proceed; the message names the file, key or value at fault."""
@@ -205,8 +203,8 @@ def export_pipeline(model: 'DMDModel', out: str | Path, method: str = 'renoise',
     family = model.family
     if family.name not in PIPELINE_CLASSES:
         raise ExportError(f'model.family={family.name!r} has no diffusers export; known: {sorted(PIPELINE_CLASSES)}')
-    if dtype is not None and dtype not in _DTYPES:
-        raise ExportError(f'dtype={dtype!r} is not one of {sorted(_DTYPES)}')
+    if dtype is not None and dtype not in DTYPES:
+        raise ExportError(f'dtype={dtype!r} is not one of {sorted(DTYPES)}')
     if model.conditioner is None or getattr(model.vae, 'encoder', True) is None:
         raise ExportError('a pipeline needs the text encoders and the whole VAE, but this model was built without them '
                           '(model.text_encoders / model.vae_encoder = false); rebuild it with both set to true')
@@ -216,9 +214,9 @@ def export_pipeline(model: 'DMDModel', out: str | Path, method: str = 'renoise',
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(sched_cfg)
     net = lora_net = model.generator
     if has_lora(lora_net):  # a model.lora student: the pipeline gets a fused copy, <out>/lora the adapter
-        net = fused_copy(lora_net, _DTYPES[dtype] if dtype is not None else None)
-    elif dtype is not None and next(net.parameters()).dtype != _DTYPES[dtype]:
-        net = copy.deepcopy(net).to(_DTYPES[dtype])
+        net = fused_copy(lora_net, DTYPES[dtype] if dtype is not None else None)
+    elif dtype is not None and next(net.parameters()).dtype != DTYPES[dtype]:
+        net = copy.deepcopy(net).to(DTYPES[dtype])
     pipe = build_pipeline(family.name, net, model.vae, model.conditioner, scheduler)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
@@ -354,7 +352,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         'next to the checkpoint)')
     parser.add_argument('--method', choices=METHODS, default='renoise',
                         help='sampler the scheduler reproduces (default: renoise)')
-    parser.add_argument('--dtype', choices=sorted(_DTYPES), help='dtype of the saved transformer (default: as '
+    parser.add_argument('--dtype', choices=sorted(DTYPES), help='dtype of the saved transformer (default: as '
                         'trained)')
     parser.add_argument('--no-bare', action='store_true', help='do not write generator.safetensors')
     args = parser.parse_intermixed_args(argv)

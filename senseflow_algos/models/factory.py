@@ -6,14 +6,12 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from senseflow_algos.dtypes import DTYPES
 from senseflow_algos.models.dmd import DMDModel
 from senseflow_algos.models.families import get_family
 from senseflow_algos.models.lora import apply_lora
 
 __all__ = ['build_dmd_model', 'build_encoders', 'DTYPES']
-
-DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
 
 def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = None, tiny: bool = False,
                     revision: Optional[str] = None, dtype: str = 'fp32', teacher_dtype: Optional[str] = None,
