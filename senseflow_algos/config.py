@@ -16,10 +16,18 @@ from omegaconf.errors import OmegaConfBaseException
 
 from senseflow_algos.limits import config_problems
 
-__all__ = ['ConfigError', 'load_config', 'validate_config', 'DEFAULT_SCHEMA']
+__all__ = ['ConfigError', 'load_config', 'validate_config', 'run_seed', 'DEFAULT_SCHEMA', 'DEFAULT_SEED']
 
 #: The schema every run config is validated against.
 DEFAULT_SCHEMA = Path(__file__).resolve().parent.parent / 'yamls' / 'schema.yaml'
+
+#: The run's ``seed`` when the config has none.
+DEFAULT_SEED = 17
+
+
+def run_seed(cfg: dict[str, Any]) -> int:
+    """The run config's ``seed`` (default :data:`DEFAULT_SEED`)."""
+    return cfg.get('seed', DEFAULT_SEED)
 
 
 class ConfigError(ValueError):
