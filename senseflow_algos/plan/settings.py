@@ -105,11 +105,11 @@ def read_run_settings(cfg: dict[str, Any]) -> RunSettings:
         vae_encoder=bool(model['vae_encoder']), lora=model.get('lora'),
         family_kwargs=dict(model.get('family_kwargs') or {}), isg='isg' in algorithms,
         vfm=dict(algorithms['vfm_discriminator'] or {}) if 'vfm_discriminator' in algorithms else None,
-        dataset_kind=dataset['kind'], load_images=bool(dataset.get('load_images', False)),
+        dataset_kind=dataset['kind'], load_images=bool(dataset.get('load_images', _default_load_images())),
         global_batch_size=int(dataset['global_batch_size']), microbatch_size=micro if isinstance(micro, int) else None,
         precision=trainer.get('precision', 'fp32'), fsdp=fsdp, optimizer_kind=optimizer.get('kind', 'adamw'),
         min_8bit_size=int(optimizer.get('min_8bit_size', 4096)),
-        stochastic_rounding=bool(optimizer.get('stochastic_rounding', False)),
+        stochastic_rounding=bool(optimizer.get('stochastic_rounding', _default_stochastic_rounding())),
         max_duration=str(trainer['max_duration']), seed=int(run_seed(cfg)), num_steps=int(model['num_steps']),
         raw=cfg)
 
@@ -120,3 +120,15 @@ def _model_defaults() -> dict[str, Any]:
     from senseflow_algos.models.factory import build_dmd_model
 
     return defaults_of(build_dmd_model, DMDModel)
+
+
+def _default_load_images() -> bool:
+    from senseflow_algos.data.streaming import build_streaming_dataloader
+
+    return defaults_of(build_streaming_dataloader)['load_images']
+
+
+def _default_stochastic_rounding() -> bool:
+    from senseflow_algos.optim import PhasedAdamW
+
+    return defaults_of(PhasedAdamW)['stochastic_rounding']
