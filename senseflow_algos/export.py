@@ -39,7 +39,7 @@ from torch import nn
 from senseflow_algos import flow
 from senseflow_algos.dtypes import DTYPES
 from senseflow_algos.export_lora import fused_copy, has_lora, write_lora_export
-from senseflow_algos.sampling import METHODS, SamplingComponents
+from senseflow_algos.sampling import DEFAULT_METHOD, METHODS, SamplingComponents
 
 if TYPE_CHECKING:
     from senseflow_algos.models.dmd import DMDModel
@@ -75,7 +75,7 @@ class ExportError(ValueError):
 # Scheduler
 
 
-def student_scheduler_config(family, base_config: dict[str, Any], method: str = 'renoise') -> dict[str, Any]:
+def student_scheduler_config(family, base_config: dict[str, Any], method: str = DEFAULT_METHOD) -> dict[str, Any]:
     """The ``FlowMatchEulerDiscreteScheduler`` config of an exported student.
 
     Starts from the teacher scheduler's config and sets the sampler (``stochastic_sampling``) and the family's shift;
@@ -179,7 +179,7 @@ def _call_kwargs(family_name: str, steps: int, pre_sigmas: list[float], resoluti
     return kwargs
 
 
-def export_pipeline(model: 'DMDModel', out: str | Path, method: str = 'renoise', dtype: Optional[str] = None,
+def export_pipeline(model: 'DMDModel', out: str | Path, method: str = DEFAULT_METHOD, dtype: Optional[str] = None,
                     bare: bool = True, source: Optional[str] = None) -> Path:
     """Write the generator of a DMD model as a diffusers pipeline folder.
 
@@ -260,7 +260,7 @@ def export_pipeline(model: 'DMDModel', out: str | Path, method: str = 'renoise',
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, config: Optional[str | Path] = None,
-                      overrides: Sequence[str] = (), method: str = 'renoise', dtype: Optional[str] = None,
+                      overrides: Sequence[str] = (), method: str = DEFAULT_METHOD, dtype: Optional[str] = None,
                       bare: bool = True, progress: bool = True) -> Path:
     """:func:`~senseflow_algos.restore.restore_student` then :func:`export_pipeline` (what ``python export.py`` runs).
 
@@ -350,8 +350,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('overrides', nargs='*', help='dotted key=value overrides of the run config')
     parser.add_argument('--config', help='the run YAML the checkpoint was trained with (default: run_config.yaml '
                         'next to the checkpoint)')
-    parser.add_argument('--method', choices=METHODS, default='renoise',
-                        help='sampler the scheduler reproduces (default: renoise)')
+    parser.add_argument('--method', choices=METHODS, default=DEFAULT_METHOD,
+                        help=f'sampler the scheduler reproduces (default: {DEFAULT_METHOD})')
     parser.add_argument('--dtype', choices=sorted(DTYPES), help='dtype of the saved transformer (default: as '
                         'trained)')
     parser.add_argument('--no-bare', action='store_true', help='do not write generator.safetensors')

@@ -179,15 +179,39 @@ def test_stated_defaults_are_the_signatures():
             f'{_signature_default(by_include[include], key)!r}')
 
 
-@pytest.mark.parametrize('path', sorted(RULES))
-def test_ranges_live_in_limits_only(path):
+def _validator(path: str) -> tuple[str, Any]:
+    """``(include, validator)`` of a dotted config path, following the schema's includes."""
     node, include = SCHEMA.dict, ''
     *parents, key = path.split('.')
     for part in parents:
         validator = node[part]
         assert isinstance(validator, Include), f'{path}: {part} is not a section of the schema'
         include, node = validator.include_name, SCHEMA.includes[validator.include_name].dict
-    validator = node[key]
+    return include, node[key]
+
+
+def _choices() -> dict[str, Any]:
+    from senseflow_algos.builders import SCHEDULERS
+    from senseflow_algos.dtypes import DTYPES
+    from senseflow_algos.models.families import FAMILIES
+    from senseflow_algos.sampling import METHODS
+
+    return {'model.family': FAMILIES, 'model.dtype': DTYPES, 'model.teacher_dtype': DTYPES,
+            'model.encoder_dtype': DTYPES, 'callbacks.export_pipeline.dtype': DTYPES,
+            'callbacks.export_pipeline.method': METHODS, 'callbacks.sample_grid.method': METHODS,
+            'scheduler.name': SCHEDULERS}
+
+
+@pytest.mark.parametrize('path', sorted(_choices()))
+def test_schema_choices_are_the_code_tables(path):
+    include, validator = _validator(path)
+    assert isinstance(validator, Enum) and set(validator.args) == set(_choices()[path]), f'schema {path}'
+
+
+@pytest.mark.parametrize('path', sorted(RULES))
+def test_ranges_live_in_limits_only(path):
+    include, validator = _validator(path)
+    key = path.rsplit('.', 1)[1]
     restated = isinstance(validator, Enum) or {'min', 'max'} & set(validator.kwargs)
     assert not restated, f'schema {include}.{key} restates the range of limits.RULES[{path!r}]: {validator!r}'
     section = {s.include: s for s in sections()}.get(include)
