@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Sequence, Union
 
-__all__ = ['AtLeast', 'Between', 'OneOf', 'RULES', 'check', 'config_problems', 'ISG_LOSS_TYPES', 'REFERENCE_MAPS',
+__all__ = ['AtLeast', 'Between', 'OneOf', 'Pair', 'RULES', 'check', 'config_problems', 'ISG_LOSS_TYPES', 'REFERENCE_MAPS',
            'ON_NONFINITE']
 
 #: ``algorithms.isg.loss_type`` choices.
@@ -50,7 +50,16 @@ class OneOf(NamedTuple):
         return None if value in self.choices else f'must be one of {list(self.choices)}, got {value!r}'
 
 
-Rule = Union[AtLeast, Between, OneOf]
+class Pair(NamedTuple):
+    """``[lo, hi]``: two numbers, each ``>= low``."""
+    low: float
+
+    def problem(self, value: Any) -> str | None:
+        ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(v >= self.low for v in value)
+        return None if ok else f'must be [lo, hi] (two numbers >= {self.low}), got {value!r}'
+
+
+Rule = Union[AtLeast, Between, OneOf, Pair]
 
 #: Config path -> its rule.
 RULES: dict[str, Rule] = {
@@ -60,6 +69,7 @@ RULES: dict[str, Rule] = {
     'model.lora.rank': AtLeast(1),
     'algorithms.ida.lam': Between(0, 1),
     'algorithms.isg.loss_type': OneOf(ISG_LOSS_TYPES),
+    'algorithms.isg.guidance': Pair(0),
     'algorithms.vfm_discriminator.generator_weight': AtLeast(0),
     'algorithms.vfm_discriminator.reference_map': OneOf(REFERENCE_MAPS),
     'callbacks.sample_grid.every_n_batches': AtLeast(1),

@@ -102,8 +102,8 @@ class IntraSegmentGuidance(Algorithm):
     def __init__(self, weight: float = 1.0, guidance: Optional[Sequence[float]] = None, margin: Optional[int] = None,
                  loss_type: str = 'charbonnier', charbonnier_c: float = 1e-3):
         limits.check('algorithms.isg.loss_type', loss_type)
-        if guidance is not None and len(guidance) != 2:
-            raise ValueError(f'algorithms.isg.guidance must be [lo, hi], got {guidance!r}')
+        if guidance is not None:
+            limits.check('algorithms.isg.guidance', guidance)
         self.weight = weight
         self.guidance = None if guidance is None else tuple(float(g) for g in guidance)
         self.margin = margin
