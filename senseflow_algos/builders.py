@@ -28,7 +28,7 @@ from senseflow_algos.algorithms.isg import IntraSegmentGuidance
 from senseflow_algos.algorithms.vfm_discriminator import VFMDiscriminator
 from senseflow_algos.callbacks import ExportPipeline, SampleGrid
 from senseflow_algos.checkpointing import check_before_load, install_atomic_checkpoint_writes
-from senseflow_algos.config import run_seed
+from senseflow_algos.config import DEFAULT_OPTIMIZER, run_seed
 from senseflow_algos.data import build_synthetic_dataloader
 from senseflow_algos.models.dmd import DMDModel
 from senseflow_algos.models.factory import build_dmd_model
@@ -119,7 +119,7 @@ def build_optimizer(optimizer_cfg: dict[str, Any], model: DMDModel) -> PhasedAda
     """``optimizer:`` section -> one phased optimizer over all trainable networks: :class:`PhasedAdamW`
     (``kind: adamw``, default) or :class:`~senseflow_algos.optim_8bit.PhasedAdamW8bit` (``kind: adamw_8bit``)."""
     cfg = dict(optimizer_cfg)
-    kind = cfg.pop('kind', 'adamw')
+    kind = cfg.pop('kind', DEFAULT_OPTIMIZER)
     if 'betas' in cfg:
         cfg['betas'] = tuple(cfg['betas'])
     if kind == 'adamw_8bit':

@@ -16,13 +16,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 from senseflow_algos.limits import config_problems
 
-__all__ = ['ConfigError', 'load_config', 'validate_config', 'run_seed', 'DEFAULT_SCHEMA', 'DEFAULT_SEED']
+__all__ = ['ConfigError', 'load_config', 'validate_config', 'run_seed', 'DEFAULT_SCHEMA', 'DEFAULT_SEED',
+           'DEFAULT_OPTIMIZER']
 
 #: The schema every run config is validated against.
 DEFAULT_SCHEMA = Path(__file__).resolve().parent.parent / 'yamls' / 'schema.yaml'
 
 #: The run's ``seed`` when the config has none.
 DEFAULT_SEED = 17
+#: ``optimizer.kind`` when the config has none (read by the builders, the planner and the preflight checks).
+DEFAULT_OPTIMIZER = 'adamw'
 
 
 def run_seed(cfg: dict[str, Any]) -> int:

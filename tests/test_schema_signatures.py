@@ -18,10 +18,12 @@ import yamale
 import yaml
 from yamale.validators import Enum, Include, Map
 
-from senseflow_algos.config import DEFAULT_SCHEMA, DEFAULT_SEED
+from senseflow_algos.config import DEFAULT_OPTIMIZER, DEFAULT_SCHEMA, DEFAULT_SEED
 from senseflow_algos.limits import RULES
 
 SCHEMA = yamale.make_schema(str(DEFAULT_SCHEMA))
+#: Defaults of keys no constructor takes (the builders read them): (include, or '' for the top level; key) -> value.
+BUILDER_DEFAULTS = {('', 'seed'): DEFAULT_SEED, ('optimizer', 'kind'): DEFAULT_OPTIMIZER}
 RUN_SEED = 'the run seed (top-level seed)'
 
 
@@ -170,8 +172,8 @@ def test_stated_defaults_are_the_signatures():
     stated = _stated_defaults()
     assert len(stated) >= 10, 'the default=<value> comments were not found'
     for (include, key), value in stated.items():
-        if include == '':
-            assert (key, value) == ('seed', DEFAULT_SEED), f'top-level {key}: default={value}'
+        if (include, key) in BUILDER_DEFAULTS:
+            assert value == BUILDER_DEFAULTS[include, key], f'schema {include}.{key}: default={value!r}'
             continue
         assert include in by_include, f'{include}.{key}: default stated for a section no test knows'
         assert _signature_default(by_include[include], key) == value, (

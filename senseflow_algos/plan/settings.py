@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from senseflow_algos.config import ConfigError, run_seed
+from senseflow_algos.config import DEFAULT_OPTIMIZER, ConfigError, run_seed
 from senseflow_algos.signatures import defaults_of
 
 __all__ = ['RunSettings', 'FSDPSettings', 'read_run_settings', 'SHARDING_STRATEGIES']
@@ -107,7 +107,7 @@ def read_run_settings(cfg: dict[str, Any]) -> RunSettings:
         vfm=dict(algorithms['vfm_discriminator'] or {}) if 'vfm_discriminator' in algorithms else None,
         dataset_kind=dataset['kind'], load_images=bool(dataset.get('load_images', _default_load_images())),
         global_batch_size=int(dataset['global_batch_size']), microbatch_size=micro if isinstance(micro, int) else None,
-        precision=trainer.get('precision', 'fp32'), fsdp=fsdp, optimizer_kind=optimizer.get('kind', 'adamw'),
+        precision=trainer.get('precision', 'fp32'), fsdp=fsdp, optimizer_kind=optimizer.get('kind', DEFAULT_OPTIMIZER),
         min_8bit_size=int(optimizer.get('min_8bit_size', 4096)),
         stochastic_rounding=bool(optimizer.get('stochastic_rounding', _default_stochastic_rounding())),
         max_duration=str(trainer['max_duration']), seed=int(run_seed(cfg)), num_steps=int(model['num_steps']),
