@@ -64,11 +64,11 @@ def child(mode: str, checkpoint: str, out: str) -> None:
         import torch
 
         from senseflow_algos.builders import build_model
-        from senseflow_algos.config import load_config
+        from senseflow_algos.config import load_config, run_seed
         from senseflow_algos.export import export_pipeline
 
         cfg = load_config(Path(checkpoint).parent / 'run_config.yaml')
-        model = build_model(cfg['model'], seed=cfg.get('seed', 17))
+        model = build_model(cfg['model'], seed=run_seed(cfg))
         ckpt = torch.load(checkpoint, map_location='cpu', weights_only=False, mmap=True)
         state = {k[len('generator.'):]: v for k, v in ckpt['state']['model'].items() if k.startswith('generator.')}
         model.generator.load_state_dict(state, strict=True)

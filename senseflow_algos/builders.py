@@ -28,6 +28,7 @@ from senseflow_algos.algorithms.isg import IntraSegmentGuidance
 from senseflow_algos.algorithms.vfm_discriminator import VFMDiscriminator
 from senseflow_algos.callbacks import ExportPipeline, SampleGrid
 from senseflow_algos.checkpointing import check_before_load, install_atomic_checkpoint_writes
+from senseflow_algos.config import DEFAULT_OPTIMIZER, run_seed
 from senseflow_algos.data import build_synthetic_dataloader
 from senseflow_algos.models.dmd import DMDModel
 from senseflow_algos.models.factory import build_dmd_model
@@ -118,7 +119,7 @@ def build_optimizer(optimizer_cfg: dict[str, Any], model: DMDModel) -> PhasedAda
     """``optimizer:`` section -> one phased optimizer over all trainable networks: :class:`PhasedAdamW`
     (``kind: adamw``, default) or :class:`~senseflow_algos.optim_8bit.PhasedAdamW8bit` (``kind: adamw_8bit``)."""
     cfg = dict(optimizer_cfg)
-    kind = cfg.pop('kind', 'adamw')
+    kind = cfg.pop('kind', DEFAULT_OPTIMIZER)
     if 'betas' in cfg:
         cfg['betas'] = tuple(cfg['betas'])
     if kind == 'adamw_8bit':
@@ -180,7 +181,7 @@ def build_loggers(loggers_cfg: dict[str, Any] | None, full_cfg: dict[str, Any]) 
 
 def build_trainer(cfg: dict[str, Any]) -> Trainer:
     """Build everything a validated run config describes and return the Composer ``Trainer``."""
-    seed = cfg.get('seed', 17)
+    seed = run_seed(cfg)
     fsdp = (cfg['trainer'].get('parallelism_config') or {}).get('fsdp') is not None
     fsdp_version = os.environ.get('FSDP_VERSION', '1')
     trainer_cfg, cpu_offload = pop_cpu_offload(cfg['trainer'], fsdp_version)

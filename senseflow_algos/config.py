@@ -14,10 +14,23 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ['ConfigError', 'load_config', 'validate_config', 'DEFAULT_SCHEMA']
+from senseflow_algos.limits import config_problems
+
+__all__ = ['ConfigError', 'load_config', 'validate_config', 'run_seed', 'DEFAULT_SCHEMA', 'DEFAULT_SEED',
+           'DEFAULT_OPTIMIZER']
 
 #: The schema every run config is validated against.
 DEFAULT_SCHEMA = Path(__file__).resolve().parent.parent / 'yamls' / 'schema.yaml'
+
+#: The run's ``seed`` when the config has none.
+DEFAULT_SEED = 17
+#: ``optimizer.kind`` when the config has none (read by the builders, the planner and the preflight checks).
+DEFAULT_OPTIMIZER = 'adamw'
+
+
+def run_seed(cfg: dict[str, Any]) -> int:
+    """The run config's ``seed`` (default :data:`DEFAULT_SEED`)."""
+    return cfg.get('seed', DEFAULT_SEED)
 
 
 class ConfigError(ValueError):
@@ -67,6 +80,8 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
 def validate_config(cfg: dict[str, Any], source: str = 'config', schema_path: str | os.PathLike = DEFAULT_SCHEMA) -> None:
     """Validate ``cfg`` strictly against the yamale schema (unknown keys are errors).
 
+    The value ranges of :data:`senseflow_algos.limits.RULES` are checked once the types are right.
+
     Raises:
         ConfigError: Listing every offending key path, e.g. ``model.gen_evry: Unexpected element``.
     """
@@ -76,3 +91,6 @@ def validate_config(cfg: dict[str, Any], source: str = 'config', schema_path: st
     except yamale.YamaleError as e:
         errors = [err for result in e.results for err in result.errors]
         raise ConfigError(f'{source} does not match {schema_path}:\n  ' + '\n  '.join(errors)) from None
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError(f'{source}:\n  ' + '\n  '.join(problems))

@@ -37,8 +37,9 @@ import torch
 from torch import nn
 
 from senseflow_algos import flow
+from senseflow_algos.dtypes import DTYPES
 from senseflow_algos.export_lora import fused_copy, has_lora, write_lora_export
-from senseflow_algos.sampling import METHODS, SamplingComponents
+from senseflow_algos.sampling import DEFAULT_METHOD, METHODS, SamplingComponents
 
 if TYPE_CHECKING:
     from senseflow_algos.models.dmd import DMDModel
@@ -66,9 +67,6 @@ EXPORT_INFO = 'senseflow_export.json'
 #: The bare generator weights (the diffusers transformer's state dict).
 BARE_WEIGHTS = 'generator.safetensors'
 
-_DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
 class ExportError(ValueError):
     """An export that cannot proceed; the message names the file, key or value at fault."""
 
@@ -77,7 +75,7 @@ class ExportError(ValueError):
 # Scheduler
 
 
-def student_scheduler_config(family, base_config: dict[str, Any], method: str = 'renoise') -> dict[str, Any]:
+def student_scheduler_config(family, base_config: dict[str, Any], method: str = DEFAULT_METHOD) -> dict[str, Any]:
     """The ``FlowMatchEulerDiscreteScheduler`` config of an exported student.
 
     Starts from the teacher scheduler's config and sets the sampler (``stochastic_sampling``) and the family's shift;
@@ -181,7 +179,7 @@ def _call_kwargs(family_name: str, steps: int, pre_sigmas: list[float], resoluti
     return kwargs
 
 
-def export_pipeline(model: 'DMDModel', out: str | Path, method: str = 'renoise', dtype: Optional[str] = None,
+def export_pipeline(model: 'DMDModel', out: str | Path, method: str = DEFAULT_METHOD, dtype: Optional[str] = None,
                     bare: bool = True, source: Optional[str] = None) -> Path:
     """Write the generator of a DMD model as a diffusers pipeline folder.
 
@@ -205,8 +203,8 @@ def export_pipeline(model: 'DMDModel', out: str | Path, method: str = 'renoise',
     family = model.family
     if family.name not in PIPELINE_CLASSES:
         raise ExportError(f'model.family={family.name!r} has no diffusers export; known: {sorted(PIPELINE_CLASSES)}')
-    if dtype is not None and dtype not in _DTYPES:
-        raise ExportError(f'dtype={dtype!r} is not one of {sorted(_DTYPES)}')
+    if dtype is not None and dtype not in DTYPES:
+        raise ExportError(f'dtype={dtype!r} is not one of {sorted(DTYPES)}')
     if model.conditioner is None or getattr(model.vae, 'encoder', True) is None:
         raise ExportError('a pipeline needs the text encoders and the whole VAE, but this model was built without them '
                           '(model.text_encoders / model.vae_encoder = false); rebuild it with both set to true')
@@ -216,9 +214,9 @@ def export_pipeline(model: 'DMDModel', out: str | Path, method: str = 'renoise',
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(sched_cfg)
     net = lora_net = model.generator
     if has_lora(lora_net):  # a model.lora student: the pipeline gets a fused copy, <out>/lora the adapter
-        net = fused_copy(lora_net, _DTYPES[dtype] if dtype is not None else None)
-    elif dtype is not None and next(net.parameters()).dtype != _DTYPES[dtype]:
-        net = copy.deepcopy(net).to(_DTYPES[dtype])
+        net = fused_copy(lora_net, DTYPES[dtype] if dtype is not None else None)
+    elif dtype is not None and next(net.parameters()).dtype != DTYPES[dtype]:
+        net = copy.deepcopy(net).to(DTYPES[dtype])
     pipe = build_pipeline(family.name, net, model.vae, model.conditioner, scheduler)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
@@ -262,7 +260,7 @@ def export_pipeline(model: 'DMDModel', out: str | Path, method: str = 'renoise',
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, config: Optional[str | Path] = None,
-                      overrides: Sequence[str] = (), method: str = 'renoise', dtype: Optional[str] = None,
+                      overrides: Sequence[str] = (), method: str = DEFAULT_METHOD, dtype: Optional[str] = None,
                       bare: bool = True, progress: bool = True) -> Path:
     """:func:`~senseflow_algos.restore.restore_student` then :func:`export_pipeline` (what ``python export.py`` runs).
 
@@ -352,9 +350,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('overrides', nargs='*', help='dotted key=value overrides of the run config')
     parser.add_argument('--config', help='the run YAML the checkpoint was trained with (default: run_config.yaml '
                         'next to the checkpoint)')
-    parser.add_argument('--method', choices=METHODS, default='renoise',
-                        help='sampler the scheduler reproduces (default: renoise)')
-    parser.add_argument('--dtype', choices=sorted(_DTYPES), help='dtype of the saved transformer (default: as '
+    parser.add_argument('--method', choices=METHODS, default=DEFAULT_METHOD,
+                        help=f'sampler the scheduler reproduces (default: {DEFAULT_METHOD})')
+    parser.add_argument('--dtype', choices=sorted(DTYPES), help='dtype of the saved transformer (default: as '
                         'trained)')
     parser.add_argument('--no-bare', action='store_true', help='do not write generator.safetensors')
     args = parser.parse_intermixed_args(argv)

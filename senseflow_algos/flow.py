@@ -12,13 +12,15 @@ Every function here is pure: no module state, randomness only through an explici
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
 __all__ = [
     'shift_sigma',
     'unshift_sigma',
+    'FluxShift',
+    'FLUX_SHIFT',
     'flux_mu',
     'flux_time_shift',
     'flux_time_unshift',
@@ -82,8 +84,27 @@ def unshift_sigma(sigma: torch.Tensor | float, shift: float) -> torch.Tensor:
     return s / (shift - (shift - 1) * s)
 
 
-def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
-            max_shift: float = 1.15) -> float:
+class FluxShift(NamedTuple):
+    """FLUX's time-shift parameters: ``mu`` rises linearly from ``base_shift`` at ``base_seq_len`` packed image
+    tokens to ``max_shift`` at ``max_seq_len``. The defaults are FLUX.1-dev's scheduler config."""
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+
+    def scheduler_kwargs(self) -> dict[str, float]:
+        """The same under diffusers' ``FlowMatchEulerDiscreteScheduler`` config names."""
+        return dict(base_image_seq_len=self.base_seq_len, max_image_seq_len=self.max_seq_len,
+                    base_shift=self.base_shift, max_shift=self.max_shift)
+
+
+#: FLUX.1-dev's time shift (the one definition: flux family, tiny pipelines and the shapes world import it).
+FLUX_SHIFT = FluxShift()
+
+
+def flux_mu(image_seq_len: int, base_seq_len: int = FLUX_SHIFT.base_seq_len,
+            max_seq_len: int = FLUX_SHIFT.max_seq_len, base_shift: float = FLUX_SHIFT.base_shift,
+            max_shift: float = FLUX_SHIFT.max_shift) -> float:
     """FLUX's resolution-dependent shift exponent, linear in the number of packed image tokens.
 
     At 1024x1024 (4096 tokens) this is ``max_shift`` = 1.15.

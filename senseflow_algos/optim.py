@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional, Protocol, Sequ
 
 import torch
 
+from senseflow_algos import limits
 from senseflow_algos.checks.trained_precision import LOW_PRECISION_REASON
 from senseflow_algos.stochastic_rounding import (
     DeviceRngs,
@@ -109,8 +110,7 @@ class PhasedOptimizerMixin:
         for group in groups:
             if group.get('role') not in ROLES:
                 raise ValueError(f"every param group needs a 'role' in {ROLES}, got {group.get('role')!r}")
-        if on_nonfinite not in ('stop', 'skip'):
-            raise ValueError(f"optimizer.on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        limits.check('optimizer.on_nonfinite', on_nonfinite)
 
     def _init_missing_state(self) -> None:
         """Hook run after each batch: create the empty state of parameters that had no gradient yet (needed by

@@ -32,6 +32,8 @@ from senseflow_algos.checkpointing import (
     checkpoint_batch,
     load_composer_file,
 )
+from senseflow_algos.config import run_seed
+from senseflow_algos.signatures import defaults_of
 
 __all__ = [
     'StudentParts', 'RUN_CONFIG_NAMES', 'GENERATOR_PREFIX', 'resolve_checkpoint', 'find_run_config',
@@ -243,15 +245,16 @@ def read_generator_state(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor
 def _student_networks(model_cfg: dict[str, Any], seed: int):
     """``(family, generator on meta or random, vae, conditioner, scheduler config)`` as training built them, without
     reading any transformer weight (``model.pretrained``: the teacher's config on the meta device)."""
-    from senseflow_algos.models.factory import _resolve_dtypes
+    from senseflow_algos.models.factory import _resolve_dtypes, build_dmd_model
     from senseflow_algos.models.families import get_family
 
     fam = get_family(model_cfg['family'], **(model_cfg.get('family_kwargs') or {}))
     if model_cfg.get('tiny'):
         components = fam.tiny_components(seed=seed)  # tiny: random weights, as cheap as meta
     elif model_cfg.get('pretrained'):
-        student, teacher, encoders = _resolve_dtypes(model_cfg.get('dtype', 'fp32'), model_cfg.get('teacher_dtype'),
-                                                     model_cfg.get('encoder_dtype'))
+        defaults = defaults_of(build_dmd_model)
+        student, teacher, encoders = _resolve_dtypes(model_cfg.get('dtype', defaults['dtype']),
+                                                     model_cfg.get('teacher_dtype'), model_cfg.get('encoder_dtype'))
         components = fam.load_components(model_cfg['pretrained'], torch_dtype=student, teacher_dtype=teacher,
                                          encoder_dtype=encoders, revision=model_cfg.get('revision'),
                                          transformers_on_meta=True)
@@ -300,7 +303,10 @@ def build_student(model_cfg: dict[str, Any], seed: int, state: dict[str, torch.T
     net.requires_grad_(False).eval()
     resolution = int(model_cfg['resolution'])
     latent_shape = tuple(fam.latent_shape(vae, resolution))
-    sigmas = flow.append_zero(fam.anchors(latent_shape[1:], int(model_cfg.get('num_steps', 4))))
+    from senseflow_algos.models.dmd import DMDModel
+
+    num_steps = model_cfg.get('num_steps', defaults_of(DMDModel)['num_steps'])
+    sigmas = flow.append_zero(fam.anchors(latent_shape[1:], int(num_steps)))
     return StudentParts(fam, net, vae.requires_grad_(False).eval(),
                         None if conditioner is None else conditioner.requires_grad_(False).eval(), sigmas,
                         latent_shape, dict(scheduler_config), resolution, source)
@@ -333,7 +339,7 @@ def restore_student(checkpoint: str | Path, config: Optional[str | Path] = None,
     cfg, _ = load_run_config(path, config, overrides, meta.get('run_name'))
     model_cfg = dict(cfg['model'])
     model_cfg['text_encoders'] = model_cfg['vae_encoder'] = True  # a pipeline needs both
-    parts = build_student(model_cfg, seed=cfg.get('seed', 17), state=state,
+    parts = build_student(model_cfg, seed=run_seed(cfg), state=state,
                           source=origin if is_uri(origin) else str(path))
     parts.config = cfg
     return parts

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     'METHODS',
+    'DEFAULT_METHOD',
     'RngLike',
     'SampleOutput',
     'SamplingComponents',
@@ -50,6 +51,8 @@ __all__ = [
 
 #: Sampler names: x0-predict-then-re-noise (default) and deterministic Euler.
 METHODS = ('renoise', 'euler')
+#: The sampler when none is named (callbacks, export, evaluation).
+DEFAULT_METHOD = 'renoise'
 
 #: One ``torch.Generator`` for the whole batch, one per sample (as diffusers accepts), or ``None`` (global RNG).
 RngLike = Union[None, torch.Generator, Sequence[torch.Generator]]

@@ -14,7 +14,8 @@ from torch import nn
 
 from senseflow_algos.algorithms.utils import get_dmd_model
 from senseflow_algos.callbacks.sample_grid import run_folder
-from senseflow_algos.sampling import METHODS
+from senseflow_algos.dtypes import DTYPES
+from senseflow_algos.sampling import DEFAULT_METHOD, METHODS
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +73,13 @@ class ExportPipeline(Callback):
         bare (bool): Also write ``generator.safetensors``. Default: ``True``.
     """
 
-    def __init__(self, folder: Optional[str] = None, method: str = 'renoise', dtype: Optional[str] = None,
+    def __init__(self, folder: Optional[str] = None, method: str = DEFAULT_METHOD, dtype: Optional[str] = None,
                  bare: bool = True):
         if method not in METHODS:
             raise ValueError(f'callbacks.export_pipeline.method={method!r} is not known; choose one of '
                              f'{list(METHODS)}')
-        if dtype is not None and dtype not in ('fp32', 'bf16', 'fp16'):
-            raise ValueError(f"callbacks.export_pipeline.dtype={dtype!r} is not one of ['bf16', 'fp16', 'fp32']")
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f'callbacks.export_pipeline.dtype={dtype!r} is not one of {sorted(DTYPES)}')
         self.folder = folder
         self.method = method
         self.dtype = dtype

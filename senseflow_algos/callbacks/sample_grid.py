@@ -12,8 +12,9 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist, format_name_with_dist
 
+from senseflow_algos import limits
 from senseflow_algos.algorithms.utils import get_dmd_model
-from senseflow_algos.sampling import METHODS, images_to_pil, sample
+from senseflow_algos.sampling import DEFAULT_METHOD, METHODS, images_to_pil, sample
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,9 @@ class SampleGrid(Callback):
     """
 
     def __init__(self, every_n_batches: int = 500, prompts: Optional[Sequence[str]] = None, seed: int = 0,
-                 method: str = 'renoise', folder: Optional[str] = None, nrow: Optional[int] = None,
+                 method: str = DEFAULT_METHOD, folder: Optional[str] = None, nrow: Optional[int] = None,
                  at_fit_start: bool = False, at_fit_end: bool = True, log_name: str = 'samples'):
-        if every_n_batches < 1:
-            raise ValueError(f'callbacks.sample_grid.every_n_batches must be >= 1, got {every_n_batches}')
+        limits.check('callbacks.sample_grid.every_n_batches', every_n_batches)
         if method not in METHODS:
             raise ValueError(f'callbacks.sample_grid.method={method!r} is not known; choose one of {list(METHODS)}')
         prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from senseflow_algos.config import ConfigError
+from senseflow_algos.config import DEFAULT_OPTIMIZER, ConfigError
 
 __all__ = ['LOW_PRECISION_REASON', 'check_trained_precision']
 
@@ -32,7 +32,7 @@ def check_trained_precision(cfg: dict[str, Any], source: str) -> None:
     dtype = (cfg.get('model') or {}).get('dtype') or 'fp32'
     optimizer = cfg.get('optimizer') or {}
     rounding = bool(optimizer.get('stochastic_rounding', False))
-    kind = optimizer.get('kind') or 'adamw'
+    kind = optimizer.get('kind') or DEFAULT_OPTIMIZER
     if kind == 'adamw_8bit' and rounding:
         raise ConfigError(f'{source}: optimizer.stochastic_rounding: true needs optimizer.kind: adamw (bitsandbytes\' '
                           '8-bit AdamW updates each weight inside its own kernel); with adamw_8bit keep fp32 master '

@@ -21,13 +21,11 @@ from typing import Any, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from senseflow_algos.dtypes import DTYPES
 from senseflow_algos.sampling import METHODS, SamplingComponents, images_to_pil, sample
 
 __all__ = ['EvalError', 'ImageSource', 'PipelineSource', 'SamplerSource', 'open_source', 'generate_images',
            'image_path', 'load_images', 'free_memory', 'check_source_path', 'NFECounter', 'DTYPES']
-
-DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
 
 class EvalError(ValueError):
     """An evaluation that cannot proceed; the message names the file, folder or value at fault."""

@@ -41,7 +41,7 @@ from senseflow_algos.evaluation.scores import (
     Scorer,
 )
 from senseflow_algos.evaluation.table import format_table, write_results
-from senseflow_algos.sampling import METHODS, images_to_pil
+from senseflow_algos.sampling import DEFAULT_METHOD, METHODS, images_to_pil
 
 __all__ = ['evaluate', 'main', 'METHOD_SUFFIX']
 
@@ -313,7 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--num', type=int, help='use the first NUM prompts')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--batch-size', type=int, default=4)
-    p.add_argument('--methods', default='renoise', help='samplers of SenseFlow students, comma separated: renoise, '
+    p.add_argument('--methods', default=DEFAULT_METHOD, help='samplers of SenseFlow students, comma separated: renoise, '
                    'euler')
     p.add_argument('--student-config', help='run YAML of checkpoint students')
     p.add_argument('--student-overrides', nargs='*', default=[], help='dotted key=value overrides of that YAML')

@@ -27,7 +27,7 @@ import torch
 from composer.models import ComposerModel
 from composer.utils import dist
 
-from senseflow_algos import flow
+from senseflow_algos import flow, limits
 from senseflow_algos.models.families import Components, Conditioning, ModelFamily
 from senseflow_algos.models.step import GeneratorStep
 from senseflow_algos.optim import Phase, TrainingPhase
@@ -78,12 +78,9 @@ class DMDModel(ComposerModel):
                  backsim_prob: float = 0.5, dmd_guidance: Sequence[float] = (1.0, 8.0), seed: int = 0,
                  num_steps: int = 4):
         super().__init__()
-        if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
-            raise ValueError(f'model.num_steps must be an integer >= 1, got {num_steps!r}')
-        if gen_every < 1:
-            raise ValueError(f'model.gen_every must be >= 1, got {gen_every}')
-        if not 0.0 <= backsim_prob <= 1.0:
-            raise ValueError(f'model.backsim_prob must be in [0, 1], got {backsim_prob}')
+        limits.check('model.num_steps', num_steps)
+        limits.check('model.gen_every', gen_every)
+        limits.check('model.backsim_prob', backsim_prob)
         self.family = family
         self.generator = components.student.train()
         self.fake_score = copy.deepcopy(components.student).train()

@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
+from senseflow_algos.dtypes import DTYPES
 from senseflow_algos.models.dmd import DMDModel
 from senseflow_algos.models.families import get_family
 from senseflow_algos.models.lora import apply_lora
 
 __all__ = ['build_dmd_model', 'build_encoders', 'DTYPES']
 
-DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
 def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = None, tiny: bool = False,
                     revision: Optional[str] = None, dtype: str = 'fp32', teacher_dtype: Optional[str] = None,
-                    encoder_dtype: Optional[str] = None, gen_every: int = 5, backsim_prob: float = 0.5,
-                    dmd_guidance: Sequence[float] = (1.0, 8.0), family_kwargs: Optional[dict[str, Any]] = None,
+                    encoder_dtype: Optional[str] = None, family_kwargs: Optional[dict[str, Any]] = None,
                     seed: int = 0, text_encoders: bool = True, vae_encoder: bool = True,
                     lora: Optional[dict[str, Any]] = None, transformers_on_meta: bool = False,
-                    num_steps: int = 4) -> DMDModel:
+                    **dmd_kwargs: Any) -> DMDModel:
     """Build a DMD model for a teacher family.
 
     Args:
@@ -35,8 +32,7 @@ def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = No
         teacher_dtype (str, optional): Dtype of the frozen teacher. Default: same as ``dtype``.
         encoder_dtype (str, optional): Dtype of the frozen VAE and text encoders. Default: ``teacher_dtype`` if set,
             else ``dtype``.
-        gen_every, backsim_prob, dmd_guidance, seed, num_steps: See :class:`DMDModel` (``num_steps``: the student's
-            sampling steps, its anchors; default 4).
+        seed (int): Seed of the tiny weights and of the model's noise streams. Default: ``0``.
         family_kwargs (dict, optional): Extra arguments of the family class (e.g. SD 3.5's ``shift``).
         text_encoders (bool): Load the text encoders. ``False`` for training on precomputed embeddings
             (``dataset.kind: precomputed``): the model then has no conditioner. Default: ``True``.
@@ -49,6 +45,8 @@ def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = No
             meta device from the teacher's config and receive their weights from global rank 0 when FSDP wraps them
             (the lean start; :func:`~senseflow_algos.models.fsdp.lean_start` decides). VAE and text encoders are
             loaded all the same. Needs ``pretrained``. Default: ``False``.
+        **dmd_kwargs: Further keyword arguments of :class:`DMDModel` (``gen_every``, ``backsim_prob``,
+            ``dmd_guidance``, ``num_steps``); one left out takes the model's default, its one definition.
     """
     fam = get_family(family, **(family_kwargs or {}))
     if tiny:
@@ -64,8 +62,7 @@ def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = No
         raise ValueError('set model.pretrained (hub id or local diffusers folder) or model.tiny=true')
     if lora is not None:
         apply_lora(components.student, **lora)  # the fake score is copied from the student, adapters included
-    return DMDModel(fam, components, resolution=resolution, gen_every=gen_every, backsim_prob=backsim_prob,
-                    dmd_guidance=dmd_guidance, seed=seed, num_steps=num_steps)
+    return DMDModel(fam, components, resolution=resolution, seed=seed, **dmd_kwargs)
 
 
 def build_encoders(family: str, pretrained: Optional[str] = None, tiny: bool = False, revision: Optional[str] = None,

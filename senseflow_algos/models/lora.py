@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from senseflow_algos import limits
+
 __all__ = ['apply_lora', 'DEFAULT_LORA_TARGETS']
 
 #: Attention projections of FLUX and SD3 blocks (image and text streams).
@@ -35,8 +37,7 @@ def apply_lora(net: nn.Module, rank: int = 64, alpha: Optional[float] = None,
         from peft import LoraConfig
     except ImportError as e:
         raise ImportError('model.lora needs peft: pip install -e ".[lora]"') from e
-    if rank < 1:
-        raise ValueError(f'model.lora.rank must be >= 1, got {rank}')
+    limits.check('model.lora.rank', rank)
     net.requires_grad_(False)
     try:
         net.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules),

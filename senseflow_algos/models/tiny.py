@@ -36,6 +36,8 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from senseflow_algos.flow import FLUX_SHIFT
+
 LATENT_CHANNELS = 4
 CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 512
@@ -195,10 +197,7 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> Flu
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0,
         use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
+        **FLUX_SHIFT.scheduler_kwargs(),
     )
     return FluxPipeline(
         scheduler=scheduler,

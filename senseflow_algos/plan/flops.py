@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 from senseflow_algos.plan.metarun import PassCost
 from senseflow_algos.plan.passes import PassCosts
 from senseflow_algos.plan.settings import RunSettings
+from senseflow_algos.signatures import defaults_of
 
 __all__ = ['Draw', 'CyclePasses', 'cycle_passes', 'CycleFlops', 'cycle_flops', 'expected_draws']
 
@@ -55,6 +56,12 @@ def expected_draws(settings: RunSettings, num_anchors: int) -> list[Draw]:
     return [Draw(True, (num_anchors - 1) / 2, p)] * settings.gen_every
 
 
+def _vfm_defaults() -> dict:
+    from senseflow_algos.algorithms.vfm_discriminator import VFMDiscriminator
+
+    return defaults_of(VFMDiscriminator)
+
+
 def cycle_passes(settings: RunSettings, draws: Sequence[Draw], online_images: bool, sd3: bool,
                  has_vfm: bool) -> CyclePasses:
     """Pass counts of one cycle for the given draws (one per batch; the first batch is the generator batch).
@@ -62,7 +69,7 @@ def cycle_passes(settings: RunSettings, draws: Sequence[Draw], online_images: bo
     ``has_vfm``: the VFM discriminator is on; its generator term (decode, backbone and heads with gradient to the
     generator) runs only with ``generator_weight > 0``.
     """
-    vfm_generator = has_vfm and float((settings.vfm or {}).get('generator_weight', 1.0)) > 0
+    vfm_generator = has_vfm and float({**_vfm_defaults(), **(settings.vfm or {})}['generator_weight']) > 0
     passes = CyclePasses()
     text_calls = 2 if sd3 else 1  # SD 3.5 also encodes the empty prompt of its CFG branch
     for i, draw in enumerate(draws):

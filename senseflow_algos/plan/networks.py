@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from senseflow_algos.dtypes import DTYPES, dtype_name
 from senseflow_algos.plan.architectures import (
     accepts,
     architecture_folder,
@@ -25,14 +26,6 @@ from senseflow_algos.plan.architectures import (
 from senseflow_algos.plan.settings import RunSettings
 
 __all__ = ['MetaModel', 'Network', 'build_meta_model', 'DTYPES', 'compute_dtype', 'dtype_name']
-
-DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``bf16`` (the config's spelling)."""
-    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).replace('torch.', ''))
-
 
 @dataclass
 class Network:

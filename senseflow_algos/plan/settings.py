@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from senseflow_algos.config import ConfigError
+from senseflow_algos.config import DEFAULT_OPTIMIZER, ConfigError, run_seed
+from senseflow_algos.signatures import defaults_of
 
 __all__ = ['RunSettings', 'FSDPSettings', 'read_run_settings', 'SHARDING_STRATEGIES']
 
@@ -95,18 +96,39 @@ def read_run_settings(cfg: dict[str, Any]) -> RunSettings:
                             replicate_degree=fsdp_cfg.get('data_parallel_replicate_degree'),
                             shard_degree=int(fsdp_cfg.get('data_parallel_shard_degree', -1)))
     micro = trainer.get('device_train_microbatch_size')
+    model = {**_model_defaults(), **{k: v for k, v in model.items() if v is not None}}
     return RunSettings(
-        family=model['family'], resolution=int(model['resolution']), tiny=bool(model.get('tiny', False)),
-        pretrained=model.get('pretrained'), dtype=model.get('dtype', 'fp32'), teacher_dtype=model.get('teacher_dtype'),
-        encoder_dtype=model.get('encoder_dtype'), gen_every=int(model.get('gen_every', 5)),
-        backsim_prob=float(model.get('backsim_prob', 0.5)), text_encoders=bool(model.get('text_encoders', True)),
-        vae_encoder=bool(model.get('vae_encoder', True)), lora=model.get('lora'),
+        family=model['family'], resolution=int(model['resolution']), tiny=bool(model['tiny']),
+        pretrained=model.get('pretrained'), dtype=model['dtype'], teacher_dtype=model.get('teacher_dtype'),
+        encoder_dtype=model.get('encoder_dtype'), gen_every=int(model['gen_every']),
+        backsim_prob=float(model['backsim_prob']), text_encoders=bool(model['text_encoders']),
+        vae_encoder=bool(model['vae_encoder']), lora=model.get('lora'),
         family_kwargs=dict(model.get('family_kwargs') or {}), isg='isg' in algorithms,
         vfm=dict(algorithms['vfm_discriminator'] or {}) if 'vfm_discriminator' in algorithms else None,
-        dataset_kind=dataset['kind'], load_images=bool(dataset.get('load_images', False)),
+        dataset_kind=dataset['kind'], load_images=bool(dataset.get('load_images', _default_load_images())),
         global_batch_size=int(dataset['global_batch_size']), microbatch_size=micro if isinstance(micro, int) else None,
-        precision=trainer.get('precision', 'fp32'), fsdp=fsdp, optimizer_kind=optimizer.get('kind', 'adamw'),
+        precision=trainer.get('precision', 'fp32'), fsdp=fsdp, optimizer_kind=optimizer.get('kind', DEFAULT_OPTIMIZER),
         min_8bit_size=int(optimizer.get('min_8bit_size', 4096)),
-        stochastic_rounding=bool(optimizer.get('stochastic_rounding', False)),
-        max_duration=str(trainer['max_duration']), seed=int(cfg.get('seed', 17)),
-        num_steps=int(model.get('num_steps', 4)), raw=cfg)
+        stochastic_rounding=bool(optimizer.get('stochastic_rounding', _default_stochastic_rounding())),
+        max_duration=str(trainer['max_duration']), seed=int(run_seed(cfg)), num_steps=int(model['num_steps']),
+        raw=cfg)
+
+
+def _model_defaults() -> dict[str, Any]:
+    """The defaults of the ``model:`` keys: the model factory's and :class:`DMDModel`'s signatures."""
+    from senseflow_algos.models.dmd import DMDModel
+    from senseflow_algos.models.factory import build_dmd_model
+
+    return defaults_of(build_dmd_model, DMDModel)
+
+
+def _default_load_images() -> bool:
+    from senseflow_algos.data.streaming import build_streaming_dataloader
+
+    return defaults_of(build_streaming_dataloader)['load_images']
+
+
+def _default_stochastic_rounding() -> bool:
+    from senseflow_algos.optim import PhasedAdamW
+
+    return defaults_of(PhasedAdamW)['stochastic_rounding']

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from senseflow_algos import flow
+from senseflow_algos.flow import FLUX_SHIFT
 
 __all__ = [
     'ASSETS', 'TEACHER_DIR', 'VFM_WEIGHTS', 'EVALUATOR_WEIGHTS', 'RESOLUTION', 'LATENT_CHANNELS',
@@ -110,8 +111,7 @@ def build_scheduler():
     """FLUX.1-dev's scheduler settings (dynamic, resolution-dependent exponential shift)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                           base_image_seq_len=256, max_image_seq_len=4096)
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, **FLUX_SHIFT.scheduler_kwargs())
 
 
 def encode_prompts(prompts: Sequence[str], tokenizer, text_encoder, tokenizer_2, text_encoder_2,
@@ -145,7 +145,7 @@ def load_teacher(folder: str | Path = TEACHER_DIR, device='cpu'):
 def teacher_sigmas(steps: int, latent_hw: tuple[int, int] = (8, 8), scheduler_config: Optional[dict] = None):
     """The sigmas ``FluxPipeline`` uses for ``steps`` Euler steps: ``linspace(1, 1/N, N)`` under FLUX's shift at
     this image-token count, followed by 0 (float64)."""
-    cfg = dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    cfg = FLUX_SHIFT.scheduler_kwargs()
     if scheduler_config:
         cfg.update({k: scheduler_config[k] for k in cfg if k in scheduler_config})
     tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2)

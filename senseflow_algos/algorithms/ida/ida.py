@@ -10,6 +10,7 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from torch import nn
 
+from senseflow_algos import limits
 from senseflow_algos.algorithms.utils import get_dmd_model
 from senseflow_algos.optim import TrainingPhase
 from senseflow_algos.stochastic_rounding import (
@@ -114,9 +115,7 @@ class ImplicitDistributionAlignment(Algorithm):
     """
 
     def __init__(self, lam: float = 0.97):
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f'algorithms.ida.lam must be in [0, 1], got {lam}')
-        self.lam = lam
+        self.lam = limits.check('algorithms.ida.lam', lam)
         self.num_updates = 0
 
     def __repr__(self) -> str:

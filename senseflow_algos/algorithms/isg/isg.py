@@ -8,7 +8,7 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from senseflow_algos import flow
+from senseflow_algos import flow, limits
 from senseflow_algos.algorithms.utils import get_dmd_model
 from senseflow_algos.models.dmd import sample_uniform
 from senseflow_algos.models.step import GeneratorStep
@@ -103,10 +103,9 @@ class IntraSegmentGuidance(Algorithm):
 
     def __init__(self, weight: float = 1.0, guidance: Optional[Sequence[float]] = None, margin: Optional[int] = None,
                  loss_type: str = 'charbonnier', charbonnier_c: float = 1e-3):
-        if loss_type not in ('charbonnier', 'l2'):
-            raise ValueError(f"algorithms.isg.loss_type must be 'charbonnier' or 'l2', got {loss_type!r}")
-        if guidance is not None and len(guidance) != 2:
-            raise ValueError(f'algorithms.isg.guidance must be [lo, hi], got {guidance!r}')
+        limits.check('algorithms.isg.loss_type', loss_type)
+        if guidance is not None:
+            limits.check('algorithms.isg.guidance', guidance)
         self.weight = weight
         self.guidance = None if guidance is None else tuple(float(g) for g in guidance)
         self.margin = margin

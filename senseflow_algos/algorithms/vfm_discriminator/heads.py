@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from senseflow_algos.limits import REFERENCE_MAPS
+
 if TYPE_CHECKING:
     from senseflow_algos.algorithms.vfm_discriminator.backbone import VFMBackbone
 
@@ -29,9 +31,6 @@ __all__ = [
     'VFMDiscriminatorHeads'
 ]
 
-#: How a head combines the reference image's map with the text projection: ``per_location`` adds the spatial
-#: reference map location by location (the released code); ``pooled`` averages it to one vector per sample first.
-REFERENCE_MAPS = ('per_location', 'pooled')
 DEFAULT_REFERENCE_MAP = 'per_location'
 
 

@@ -9,12 +9,12 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from torch import nn
 
+from senseflow_algos import limits
 from senseflow_algos.algorithms.utils import get_dmd_model
 from senseflow_algos.algorithms.vfm_discriminator.backbone import DEFAULT_VFM_MODEL, VFMBackbone
 from senseflow_algos.algorithms.vfm_discriminator.diffaug import diff_augment
 from senseflow_algos.algorithms.vfm_discriminator.heads import (
     DEFAULT_REFERENCE_MAP,
-    REFERENCE_MAPS,
     VFMDiscriminatorHeads,
     fitting_downsamples,
 )
@@ -115,11 +115,8 @@ class VFMDiscriminator(Algorithm):
                  augment: str = 'color,translation,cutout', cmap_dim: int = 64, num_downsample: int = 3,
                  hidden_channels: Optional[int] = None, grad_checkpointing: bool = False,
                  reference_map: str = DEFAULT_REFERENCE_MAP, decoder_grad_checkpointing: bool = False):
-        if generator_weight < 0:
-            raise ValueError(f'algorithms.vfm_discriminator.generator_weight must be >= 0, got {generator_weight}')
-        if reference_map not in REFERENCE_MAPS:
-            raise ValueError(f'algorithms.vfm_discriminator.reference_map must be one of {list(REFERENCE_MAPS)}, '
-                             f'got {reference_map!r}')
+        limits.check('algorithms.vfm_discriminator.generator_weight', generator_weight)
+        limits.check('algorithms.vfm_discriminator.reference_map', reference_map)
         diff_augment(torch.zeros(1, 3, 8, 8), augment)  # reject an unknown policy now, not at the first batch
         self.backbone_name = backbone
         self.pretrained = pretrained

@@ -94,7 +94,7 @@ class FluxFamily(ModelFamily):
 
     Args:
         base_seq_len, max_seq_len, base_shift, max_shift: FLUX's scheduler shift parameters
-            (FLUX.1-dev: 256, 4096, 0.5, 1.15). At 1024x1024 they give anchors {1, .9045, .7595, .5128}, the sigmas
+            (default :data:`~senseflow_algos.flow.FLUX_SHIFT`, FLUX.1-dev's: 256, 4096, 0.5, 1.15). At 1024x1024 they give anchors {1, .9045, .7595, .5128}, the sigmas
             FluxPipeline's default 4 steps use; their indices on the 0..1000 grid are the reference's hard-coded
             ``[1000, 904, 759, 512]`` (its constants are the shifted values truncated to the grid).
         max_sequence_length (int): T5 prompt tokens. Default: ``512``.
@@ -105,8 +105,9 @@ class FluxFamily(ModelFamily):
     name = 'flux'
     isg_margin = 20
 
-    def __init__(self, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
-                 max_shift: float = 1.15, max_sequence_length: int = 512, adversarial_weighting: str = 'signal_power'):
+    def __init__(self, base_seq_len: int = flow.FLUX_SHIFT.base_seq_len, max_seq_len: int = flow.FLUX_SHIFT.max_seq_len,
+                 base_shift: float = flow.FLUX_SHIFT.base_shift, max_shift: float = flow.FLUX_SHIFT.max_shift,
+                 max_sequence_length: int = 512, adversarial_weighting: str = 'signal_power'):
         self.shift_params = dict(base_seq_len=base_seq_len, max_seq_len=max_seq_len, base_shift=base_shift,
                                  max_shift=max_shift)
         self.max_sequence_length = max_sequence_length
