@@ -38,7 +38,7 @@ import torch
 from streaming import Stream, StreamingDataset
 from torch.utils.data import DataLoader
 
-from senseflow_algos.data.samples import BadSample, open_image
+from senseflow_algos.data.samples import BadSampleError, open_image
 from senseflow_algos.data.uri import is_remote, join_uri, read_file
 
 __all__ = [
@@ -57,10 +57,6 @@ EMBEDDING_KEYS = ('prompt_embeds', 'pooled_prompt_embeds')
 NEGATIVE_KEYS = ('negative_prompt_embeds', 'negative_pooled_prompt_embeds')
 #: Consecutive bad samples tolerated while looking for a replacement with ``bad_samples='skip'``.
 MAX_CONSECUTIVE_BAD = 1000
-
-
-class BadSampleError(ValueError):
-    """Bad training data, with the stream, shard and sample it came from."""
 
 
 def image_to_tensor(image, resolution: int) -> torch.Tensor:
@@ -260,18 +256,18 @@ class SenseflowStreamingDataset(StreamingDataset):
         if self.caption_column in self.columns:
             caption = sample[self.caption_column]
             if not isinstance(caption, str) or not caption.strip():
-                raise BadSample(f'empty caption in column {self.caption_column!r}')
+                raise BadSampleError(f'empty caption in column {self.caption_column!r}')
             out['prompt'] = caption
         if self.image_column in self.columns:
             out['image'] = image_to_tensor(open_image(sample[self.image_column]), self.resolution)
         for name, shape in self.array_columns.items():
             array = np.asarray(sample[name])
             if tuple(array.shape) != shape:
-                raise BadSample(f'{name} has shape {tuple(array.shape)}, expected {shape} for family '
-                                f'{self.meta.get("family")!r}')
+                raise BadSampleError(f'{name} has shape {tuple(array.shape)}, expected {shape} for family '
+                                     f'{self.meta.get("family")!r}')
             array = array.astype(np.float32)
             if not np.isfinite(array).all():
-                raise BadSample(f'{name} has non-finite values')
+                raise BadSampleError(f'{name} has non-finite values')
             out[name] = torch.from_numpy(array)
         out.update(self.negatives)
         return out
@@ -285,7 +281,7 @@ class SenseflowStreamingDataset(StreamingDataset):
             sample = super().__getitem__(at)
             try:
                 return self._convert(sample)
-            except BadSample as e:
+            except BadSampleError as e:
                 where = self._where(at)
                 key = sample.get('key')
                 where += f', key {key!r}' if isinstance(key, str) else ''
