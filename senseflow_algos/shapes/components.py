@@ -1,4 +1,4 @@
-"""The shapes-world FLUX pipeline: component builders, prompt encoding and a plain Euler sampler.
+"""The shapes-world FLUX pipeline: component builders, prompt encoding and the teacher's Euler sampling.
 
 The teacher uses the classes of FLUX.1-dev at a toy size:
 
@@ -6,12 +6,16 @@ The teacher uses the classes of FLUX.1-dev at a toy size:
 * ``AutoencoderKL`` with 3 levels (spatial factor 4) and 8 latent channels: 32x32 images <-> 8x8x8 latents, i.e.
   16 packed image tokens;
 * ``CLIPTextModel`` (pooled, width 32) and ``T5EncoderModel`` (sequence, width 64) with the project's tiny
-  tokenizers (every caption word is one token), CLIP padded to 16 tokens and T5 to :data:`MAX_SEQUENCE_LENGTH`;
+  tokenizers (:mod:`senseflow_algos.models.tiny_tokenizers`: every caption word is one token), CLIP padded to 16
+  tokens and T5 to :data:`MAX_SEQUENCE_LENGTH`;
 * ``FlowMatchEulerDiscreteScheduler`` with FLUX's dynamic shift.
 
 The T5 sequence length is part of the model: the teacher was trained with ``max_sequence_length=12`` and
 should be queried with it (``FluxPipeline(...)(prompt, max_sequence_length=12)``, ``family_kwargs:
 {max_sequence_length: 12}`` in a run YAML); FLUX's default of 512 pads 500 extra tokens the model never saw.
+
+Sampling reuses the library: FLUX's shift from :class:`~senseflow_algos.models.families.flux.FluxFamily` and
+:mod:`senseflow_algos.flow`, the loop from :func:`senseflow_algos.sampling.run_sampler` (``method='euler'``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from torch import nn
 
 from senseflow_algos import flow
+from senseflow_algos.sampling import run_sampler
 
 __all__ = [
     'ASSETS', 'TEACHER_DIR', 'VFM_WEIGHTS', 'EVALUATOR_WEIGHTS', 'RESOLUTION', 'LATENT_CHANNELS',
@@ -55,9 +60,9 @@ def num_threads(n: Optional[int] = None) -> int:
 
 def build_tokenizers():
     """The project's CLIP-style BPE and T5-style word tokenizers (CLIP padded to :data:`CLIP_LENGTH`)."""
-    from senseflow_algos.models.tiny import _clip_tokenizer, _t5_tokenizer
+    from senseflow_algos.models.tiny_tokenizers import tiny_clip_tokenizer, tiny_t5_tokenizer
 
-    clip, t5 = _clip_tokenizer(), _t5_tokenizer()
+    clip, t5 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     clip.model_max_length = CLIP_LENGTH
     t5.model_max_length = MAX_SEQUENCE_LENGTH
     return clip, t5
@@ -144,13 +149,18 @@ def load_teacher(folder: str | Path = TEACHER_DIR, device='cpu'):
 
 def teacher_sigmas(steps: int, latent_hw: tuple[int, int] = (8, 8), scheduler_config: Optional[dict] = None):
     """The sigmas ``FluxPipeline`` uses for ``steps`` Euler steps: ``linspace(1, 1/N, N)`` under FLUX's shift at
-    this image-token count, followed by 0 (float64)."""
-    cfg = dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
-    if scheduler_config:
-        cfg.update({k: scheduler_config[k] for k in cfg if k in scheduler_config})
-    tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2)
-    mu = flow.flux_mu(tokens, cfg['base_image_seq_len'], cfg['max_image_seq_len'], cfg['base_shift'],
-                      cfg['max_shift'])
+    this image-token count, followed by 0 (float64).
+
+    ``scheduler_config``: a ``FlowMatchEulerDiscreteScheduler`` config whose shift settings (``base_image_seq_len``,
+    ``max_image_seq_len``, ``base_shift``, ``max_shift``) replace FLUX.1-dev's (:class:`FluxFamily`'s defaults).
+    """
+    from senseflow_algos.models.families.flux import FluxFamily
+
+    # The scheduler's key names -> FluxFamily's (which holds FLUX's shift constants).
+    names = dict(base_image_seq_len='base_seq_len', max_image_seq_len='max_seq_len', base_shift='base_shift',
+                 max_shift='max_shift')
+    shift = {ours: scheduler_config[theirs] for theirs, ours in names.items() if theirs in (scheduler_config or {})}
+    mu = FluxFamily(**shift).mu(latent_hw)
     base = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
     return flow.append_zero(flow.flux_time_shift(base, mu))
 
@@ -160,15 +170,13 @@ def sample_euler(net: nn.Module, cond: dict[str, torch.Tensor], sigmas: torch.Te
                  guidance: Optional[float] = None, family=None) -> torch.Tensor:
     """Deterministic Euler from ``noise`` (sigma = sigmas[0]) through ``sigmas`` (ending in 0); returns latents.
 
-    ``guidance`` is the embedded guidance of a FLUX-dev network (``None`` for the guidance-free student).
+    The library's sampling loop (:func:`~senseflow_algos.sampling.run_sampler`, ``method='euler'``) on ``family``'s
+    velocity (default :class:`~senseflow_algos.models.families.flux.FluxFamily`). ``guidance`` is the embedded
+    guidance of a FLUX-dev network (``None`` for the guidance-free student).
     """
     from senseflow_algos.models.families.flux import FluxFamily
 
     family = family or FluxFamily()
     x = noise.float()
-    b = x.shape[0]
-    g = None if guidance is None else torch.full((b,), float(guidance), device=x.device)
-    for i in range(len(sigmas) - 1):
-        s = torch.full((b,), float(sigmas[i]), device=x.device)
-        x = flow.euler_step(x, family.velocity(net, x, s, cond, g), float(sigmas[i]), float(sigmas[i + 1]))
-    return x
+    g = None if guidance is None else torch.full((x.shape[0],), float(guidance), device=x.device)
+    return run_sampler(lambda x_t, sigma: family.velocity(net, x_t, sigma, cond, g), x, sigmas, method='euler')
