@@ -26,6 +26,7 @@ calls ``load_state_dict`` on resume, so a resumed run sees exactly the batches t
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -40,6 +41,7 @@ from torch.utils.data import DataLoader
 
 from senseflow_algos.data.samples import BadSampleError, open_image
 from senseflow_algos.data.uri import is_remote, join_uri, read_file
+from senseflow_algos.registry import DATASETS
 
 __all__ = [
     'KINDS', 'PRECOMPUTE_META_FILE', 'NEGATIVES_FILE', 'BadSampleError', 'SenseflowStreamingDataset',
@@ -313,3 +315,28 @@ def build_streaming_dataloader(kind: str, batch_size: int, resolution: int, seed
         for key in ('persistent_workers', 'prefetch_factor'):
             kwargs.pop(key, None)
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=True, **kwargs)
+
+
+def _register_kind(kind: str) -> None:
+    """Register ``dataset.kind: <kind>``: the other ``dataset:`` keys are :func:`build_streaming_dataloader`'s."""
+
+    def build(batch_size: int, resolution: int, seed: int = 0, num_samples: Optional[int] = None,
+              **kwargs: Any) -> DataLoader:
+        if num_samples is not None:
+            raise ValueError(f'dataset.num_samples is for the synthetic kinds; dataset.kind={kind} streams the whole '
+                             'dataset: set dataset.num_samples=null (use dataset.streaming_kwargs.epoch_size to '
+                             'resize an epoch)')
+        return build_streaming_dataloader(kind, batch_size=batch_size, resolution=resolution, seed=seed, **kwargs)
+
+    build.__name__ = build.__qualname__ = f'build_{kind}_dataloader'
+    # What inspect.signature shows (config checks read it): build_streaming_dataloader's keywords, less ``kind``.
+    streaming = inspect.signature(build_streaming_dataloader).parameters
+    build.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [p for name, p in streaming.items() if name != 'kind'] +
+        [inspect.Parameter('num_samples', inspect.Parameter.KEYWORD_ONLY, default=None)],
+        return_annotation=DataLoader)
+    DATASETS.register(kind, build)
+
+
+for _kind in KINDS:
+    _register_kind(_kind)
