@@ -102,7 +102,8 @@ def validate_config(cfg: dict[str, Any], source: str = 'config', schema_path: st
         yamale.validate(schema, [(described, source)], strict=True)
     except yamale.YamaleError as e:
         errors = [err for result in e.results for err in result.errors] + errors
-    kind = (cfg.get('dataset') or {}).get('kind') if isinstance(cfg.get('dataset'), dict) else None
+    dataset = cfg.get('dataset')
+    kind = dataset.get('kind') if isinstance(dataset, dict) else None
     if isinstance(kind, str) and kind not in DATASETS:
         errors.append(DATASETS.unknown_message(kind))
     if errors:
