@@ -145,7 +145,8 @@ def build_trainer(cfg: dict[str, Any]) -> Trainer:
     device = fsdp_device() if fsdp else None  # before any model loads: FSDP1 without CUDA fails here
     install_atomic_checkpoint_writes()
     check_before_load(trainer_cfg, cfg.get('run_name'), dist.get_global_rank())  # before any model loads
-    # Cheap objects first: a bad algorithm or callback setting fails before a teacher is loaded.
+    # Cheap objects first: a bad algorithm, callback or dataset kind fails before a teacher is loaded.
+    DATASETS.lookup(cfg['dataset']['kind'])
     algorithms = build_algorithms(cfg.get('algorithms'))
     callbacks = build_callbacks(cfg.get('callbacks'))
     loggers = build_loggers(cfg.get('loggers'), cfg)
