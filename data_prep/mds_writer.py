@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from senseflow_algos.data.samples import BadSample, open_image
+from senseflow_algos.data.samples import BadSampleError, open_image
 from senseflow_algos.data.uri import file_exists, is_remote, join_uri, read_file, write_file
 
 __all__ = [
@@ -194,10 +194,10 @@ def prompt_file_records(path: str | os.PathLike) -> list[Record]:
 
 def _caption(record: Record) -> str:
     if record.caption is None:
-        raise BadSample('no caption (missing .txt file or empty manifest cell)')
+        raise BadSampleError('no caption (missing .txt file or empty manifest cell)')
     caption = record.caption.strip()
     if not caption:
-        raise BadSample('empty caption')
+        raise BadSampleError('empty caption')
     return caption
 
 
@@ -207,7 +207,7 @@ def image_sample(record: Record) -> dict[str, Any]:
     try:
         data = Path(record.image_path).read_bytes()
     except OSError as e:
-        raise BadSample(f'cannot read image file {record.image_path} ({e})') from None
+        raise BadSampleError(f'cannot read image file {record.image_path} ({e})') from None
     width, height = open_image(data).size
     return {'image': data, 'caption': caption, 'width': width, 'height': height, 'key': record.key}
 
@@ -261,8 +261,8 @@ def write_parts(records: Sequence[Any], out: str, columns: dict[str, str],
         records: The ordered inputs. Record ``i`` goes to part ``i // part_size``.
         out: Output folder or remote URI.
         columns: MDS columns (name -> encoding).
-        make_samples: ``make_samples(records_chunk, indices) -> iterable of (index, sample_or_BadSample)``: turns a
-            chunk of records into samples (a :class:`BadSample` instance for a record that cannot be used).
+        make_samples: ``make_samples(records_chunk, indices) -> iterable of (index, sample_or_BadSampleError)``: turns a
+            chunk of records into samples (a :class:`BadSampleError` instance for a record that cannot be used).
         part_size: Records per part (the unit of resumption and of work per rank). Default: ``10000``.
         state: JSON-able description of the inputs and settings; stored at the root and compared on resume.
         on_bad: ``error``: stop at the first bad record, naming it; ``skip``: leave it out, log it, count it.
@@ -308,10 +308,10 @@ def write_parts(records: Sequence[Any], out: str, columns: dict[str, str],
         with MDSWriter(out=part_out, columns=columns, compression=compression, size_limit=size_limit,
                        exist_ok=True) as writer:
             for index, sample in make_samples(records[lo:hi], range(lo, hi)):
-                if isinstance(sample, BadSample):
+                if isinstance(sample, BadSampleError):
                     where = f'record {index} ({_describe(records[index])})'
                     if on_bad == 'error':
-                        raise BadSample(f'{where}: {sample} (pass --on-bad skip to leave such records out)')
+                        raise BadSampleError(f'{where}: {sample} (pass --on-bad skip to leave such records out)')
                     stats.bad_samples += 1
                     log.warning('skipped %s: %s [%d skipped so far]', where, sample, stats.bad_samples)
                 else:
@@ -320,8 +320,8 @@ def write_parts(records: Sequence[Any], out: str, columns: dict[str, str],
                 if bar is not None:
                     bar.update(1)
         if written == 0:
-            raise BadSample(f'part {i} (records {lo}..{hi - 1}) has no usable record left; an MDS part cannot be '
-                            'empty. Fix the inputs.')
+            raise BadSampleError(f'part {i} (records {lo}..{hi - 1}) has no usable record left; an MDS part cannot '
+                                 'be empty. Fix the inputs.')
         stats.parts_written += 1
         stats.samples_written += written
     if bar is not None:
@@ -352,13 +352,13 @@ def _describe(record: Any) -> str:
 
 
 def simple_make_samples(fn: Callable[[Any], dict[str, Any]]):
-    """Adapt a per-record ``fn(record) -> sample`` (raising :class:`BadSample`) to :func:`write_parts`."""
+    """Adapt a per-record ``fn(record) -> sample`` (raising :class:`BadSampleError`) to :func:`write_parts`."""
 
     def make(chunk, indices):
         for record, index in zip(chunk, indices):
             try:
                 yield index, fn(record)
-            except BadSample as e:
+            except BadSampleError as e:
                 yield index, e
 
     return make

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from mds_writer import add_writer_args, barrier, rank_world, run_writer
 
-from senseflow_algos.data.samples import BadSample, open_image
+from senseflow_algos.data.samples import BadSampleError, open_image
 from senseflow_algos.data.streaming import NEGATIVES_FILE, PRECOMPUTE_META_FILE, image_to_tensor, make_streams
 from senseflow_algos.data.uri import join_uri, read_file, write_file
 
@@ -133,12 +133,12 @@ class Precomputer:
         self.input_columns = dict(zip(shard0.column_names, shard0.column_encodings))
         for shard in self.dataset.shards[1:]:
             if dict(zip(shard.column_names, shard.column_encodings)) != self.input_columns:
-                raise BadSample(f'input shard {shard.raw_data.basename} has columns '
-                                f'{dict(zip(shard.column_names, shard.column_encodings))}, shard '
-                                f'{shard0.raw_data.basename} has {self.input_columns}: mixed datasets')
+                raise BadSampleError(f'input shard {shard.raw_data.basename} has columns '
+                                     f'{dict(zip(shard.column_names, shard.column_encodings))}, shard '
+                                     f'{shard0.raw_data.basename} has {self.input_columns}: mixed datasets')
         if args.caption_column not in self.input_columns:
-            raise BadSample(f'input {args.input} has no caption column {args.caption_column!r} (columns: '
-                            f'{sorted(self.input_columns)}); choose it with --caption-column')
+            raise BadSampleError(f'input {args.input} has no caption column {args.caption_column!r} (columns: '
+                                 f'{sorted(self.input_columns)}); choose it with --caption-column')
         self.with_latents = not args.no_latents and args.image_column in self.input_columns
         self.raw_copy = [c for c, e in self.input_columns.items() if e in RAW_COPY_ENCODINGS]
         self.np_dtype = np.dtype(args.embed_dtype)
@@ -167,7 +167,7 @@ class Precomputer:
     def _cast(self, name: str, array: np.ndarray) -> np.ndarray:
         out = array.astype(self.np_dtype)
         if not np.isfinite(out).all():
-            raise BadSample(f'{name} is not finite in {self.np_dtype.name} (overflow? try --embed-dtype float32)')
+            raise BadSampleError(f'{name} is not finite in {self.np_dtype.name} (overflow? try --embed-dtype float32)')
         return out
 
     def _load(self, index: int) -> dict[str, Any]:
@@ -186,7 +186,7 @@ class Precomputer:
         return where + (f', key {key!r}' if isinstance(key, str) else '')
 
     def make_samples(self, chunk: Sequence[int], indices: Iterable[int]):
-        """``write_parts`` callback: yields ``(index, output sample or BadSample)`` in input order."""
+        """``write_parts`` callback: yields ``(index, output sample or BadSampleError)`` in input order."""
         indices = list(indices)
         bs = self.args.batch_size
         for lo in range(0, len(indices), bs):
@@ -197,13 +197,13 @@ class Precomputer:
                 try:
                     caption = sample[self.args.caption_column]
                     if not isinstance(caption, str) or not caption.strip():
-                        raise BadSample('empty caption')
+                        raise BadSampleError('empty caption')
                     if self.with_latents:
                         pixels[index] = image_to_tensor(open_image(sample[self.args.image_column]),
                                                         self.args.resolution)
                     samples[index] = sample
-                except BadSample as e:
-                    results[index] = BadSample(f'{self._where(index, sample)}: {e}')
+                except BadSampleError as e:
+                    results[index] = BadSampleError(f'{self._where(index, sample)}: {e}')
             good = list(samples)
             if good:
                 text = self._encode_text([samples[i][self.args.caption_column] for i in good])
@@ -213,8 +213,8 @@ class Precomputer:
                     try:
                         for name in self.new_columns:
                             out[name] = self._cast(name, latents[n] if name == 'latents' else text[name][n])
-                    except BadSample as e:
-                        results[index] = BadSample(f'{self._where(index, out)}: {e}')
+                    except BadSampleError as e:
+                        results[index] = BadSampleError(f'{self._where(index, out)}: {e}')
                         continue
                     results[index] = out
             for index in batch:

@@ -43,6 +43,8 @@ _EXPORTS = {
     'stochastic_round': 'senseflow_algos.stochastic_rounding',
     'LowPrecisionAdamW': 'senseflow_algos.optim',
     'preflight': 'senseflow_algos.preflight',
+    'Registry': 'senseflow_algos.registry',
+    'registry': 'senseflow_algos.registry',
 }
 
 __all__ = sorted(_EXPORTS)

@@ -6,11 +6,10 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from composer import Trainer
-from composer.callbacks import LRMonitor, MemoryMonitor, OptimizerMonitor, RuntimeEstimator, SpeedMonitor
 from composer.core import Algorithm, Callback
 from composer.loggers import LoggerDestination, WandBLogger
 from composer.optim import (
@@ -23,13 +22,8 @@ from composer.utils import dist
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from senseflow_algos.algorithms.ida import ImplicitDistributionAlignment
-from senseflow_algos.algorithms.isg import IntraSegmentGuidance
-from senseflow_algos.algorithms.vfm_discriminator import VFMDiscriminator
-from senseflow_algos.callbacks import ExportPipeline, SampleGrid
 from senseflow_algos.checkpointing import check_before_load, install_atomic_checkpoint_writes
-from senseflow_algos.config import DEFAULT_OPTIMIZER, run_seed
-from senseflow_algos.data import build_synthetic_dataloader
+from senseflow_algos.config import DEFAULT_OPTIMIZER, import_plugins, run_seed
 from senseflow_algos.models.dmd import DMDModel
 from senseflow_algos.models.factory import build_dmd_model
 from senseflow_algos.models.fsdp import (
@@ -41,38 +35,12 @@ from senseflow_algos.models.fsdp import (
 )
 from senseflow_algos.models.fsdp_offload import GPUWithCPUCollectives, fsdp2_cpu_offload, pop_cpu_offload
 from senseflow_algos.optim import PhasedAdamW
+from senseflow_algos.registry import ALGORITHMS, CALLBACKS, DATASETS, Registry
 
 __all__ = [
     'build_model', 'build_dataloader', 'build_optimizer', 'build_scheduler', 'build_algorithms', 'build_callbacks',
-    'build_loggers', 'build_trainer', 'save_run_config', 'ALGORITHMS', 'CALLBACKS', 'SCHEDULERS'
+    'build_loggers', 'build_trainer', 'save_run_config', 'ALGORITHMS', 'CALLBACKS', 'DATASETS', 'SCHEDULERS'
 ]
-
-#: ``algorithms:`` YAML key -> Algorithm class (kwargs from YAML).
-ALGORITHMS: dict[str, Callable[..., Algorithm]] = {
-    'ida': ImplicitDistributionAlignment,
-    'isg': IntraSegmentGuidance,
-    'vfm_discriminator': VFMDiscriminator,
-}
-
-
-def _shapes_report(**kwargs) -> Callback:
-    """The shapes-world end-of-run report (imported lazily: it loads the shipped evaluator)."""
-    from senseflow_algos.shapes.report import ShapesReport
-
-    return ShapesReport(**kwargs)
-
-
-#: ``callbacks:`` YAML key -> Callback class (kwargs from YAML).
-CALLBACKS: dict[str, Callable[..., Callback]] = {
-    'speed_monitor': SpeedMonitor,
-    'lr_monitor': LRMonitor,
-    'memory_monitor': MemoryMonitor,
-    'runtime_estimator': RuntimeEstimator,
-    'optimizer_monitor': OptimizerMonitor,
-    'sample_grid': SampleGrid,
-    'export_pipeline': ExportPipeline,
-    'shapes_report': _shapes_report,
-}
 
 #: ``scheduler.name`` -> Composer scheduler class.
 SCHEDULERS = {
@@ -90,29 +58,15 @@ def build_model(model_cfg: dict[str, Any], seed: int, transformers_on_meta: bool
 
 
 def build_dataloader(dataset_cfg: dict[str, Any], resolution: int, seed: int) -> DataLoader:
-    """``dataset:`` section -> dataloader with the per-device batch size."""
+    """``dataset:`` section -> dataloader with the per-device batch size, from the builder registered for
+    ``dataset.kind`` in :data:`~senseflow_algos.registry.DATASETS` (the other keys are its kwargs)."""
     cfg = dict(dataset_cfg)
     kind = cfg.pop('kind')
     global_batch = cfg.pop('global_batch_size')
     world = dist.get_world_size()
     if global_batch % world:
         raise ValueError(f'dataset.global_batch_size={global_batch} is not divisible by the world size {world}')
-    if kind == 'synthetic':
-        return build_synthetic_dataloader(batch_size=global_batch // world, resolution=resolution, seed=seed, **cfg)
-    if kind == 'shapes':
-        from senseflow_algos.shapes.world import build_shapes_dataloader
-
-        return build_shapes_dataloader(batch_size=global_batch // world, resolution=resolution, seed=seed, **cfg)
-    if kind in ('image_caption', 'precomputed', 'prompts'):
-        from senseflow_algos.data.streaming import build_streaming_dataloader
-
-        if cfg.pop('num_samples', None) is not None:
-            raise ValueError(f'dataset.num_samples is for the synthetic kinds; dataset.kind={kind} streams the whole '
-                             'dataset: set dataset.num_samples=null (use dataset.streaming_kwargs.epoch_size to '
-                             'resize an epoch)')
-        return build_streaming_dataloader(kind, batch_size=global_batch // world, resolution=resolution, seed=seed,
-                                          **cfg)
-    raise ValueError(f'dataset.kind={kind!r} is not supported')
+    return DATASETS.lookup(kind)(batch_size=global_batch // world, resolution=resolution, seed=seed, **cfg)
 
 
 def build_optimizer(optimizer_cfg: dict[str, Any], model: DMDModel) -> PhasedAdamW:
@@ -145,23 +99,21 @@ def _switched_on(section: dict[str, Any] | None) -> dict[str, Any]:
     return {name: kwargs for name, kwargs in (section or {}).items() if kwargs is not None}
 
 
-def _instantiate_named(section: dict[str, Any] | None, registry: dict[str, Callable], what: str) -> list:
-    out = []
-    for name, kwargs in _switched_on(section).items():
-        if name not in registry:
-            raise ValueError(f'{what}.{name} is not known; choose from {sorted(registry)}')
-        out.append(registry[name](**(kwargs or {})))
-    return out
+def _instantiate_named(section: dict[str, Any] | None, registry: Registry) -> list:
+    """The switched-on entries of ``section``, built by their registered builders (YAML order)."""
+    return [registry.lookup(name)(**(kwargs or {})) for name, kwargs in _switched_on(section).items()]
 
 
 def build_algorithms(algorithms_cfg: dict[str, Any] | None) -> list[Algorithm]:
-    """``algorithms:`` section (name -> kwargs; ``null``: off) -> Algorithms, in YAML order."""
-    return _instantiate_named(algorithms_cfg, ALGORITHMS, 'algorithms')
+    """``algorithms:`` section (name -> kwargs; ``null``: off) -> Algorithms, in YAML order (names:
+    :data:`~senseflow_algos.registry.ALGORITHMS`)."""
+    return _instantiate_named(algorithms_cfg, ALGORITHMS)
 
 
 def build_callbacks(callbacks_cfg: dict[str, Any] | None) -> list[Callback]:
-    """``callbacks:`` section (name -> kwargs; ``null``: off, ``{}``: defaults) -> Callbacks."""
-    return _instantiate_named(callbacks_cfg, CALLBACKS, 'callbacks')
+    """``callbacks:`` section (name -> kwargs; ``null``: off, ``{}``: defaults) -> Callbacks (names:
+    :data:`~senseflow_algos.registry.CALLBACKS`)."""
+    return _instantiate_named(callbacks_cfg, CALLBACKS)
 
 
 def build_loggers(loggers_cfg: dict[str, Any] | None, full_cfg: dict[str, Any]) -> list[LoggerDestination]:
@@ -181,6 +133,7 @@ def build_loggers(loggers_cfg: dict[str, Any] | None, full_cfg: dict[str, Any]) 
 
 def build_trainer(cfg: dict[str, Any]) -> Trainer:
     """Build everything a validated run config describes and return the Composer ``Trainer``."""
+    import_plugins(cfg)  # their dataset kinds and callbacks (train.py imported them already while validating)
     seed = run_seed(cfg)
     fsdp = (cfg['trainer'].get('parallelism_config') or {}).get('fsdp') is not None
     fsdp_version = os.environ.get('FSDP_VERSION', '1')
@@ -192,7 +145,8 @@ def build_trainer(cfg: dict[str, Any]) -> Trainer:
     device = fsdp_device() if fsdp else None  # before any model loads: FSDP1 without CUDA fails here
     install_atomic_checkpoint_writes()
     check_before_load(trainer_cfg, cfg.get('run_name'), dist.get_global_rank())  # before any model loads
-    # Cheap objects first: a bad algorithm or callback setting fails before a teacher is loaded.
+    # Cheap objects first: a bad algorithm, callback or dataset kind fails before a teacher is loaded.
+    DATASETS.lookup(cfg['dataset']['kind'])
     algorithms = build_algorithms(cfg.get('algorithms'))
     callbacks = build_callbacks(cfg.get('callbacks'))
     loggers = build_loggers(cfg.get('loggers'), cfg)

@@ -15,6 +15,7 @@ from torch import nn
 from senseflow_algos.algorithms.utils import get_dmd_model
 from senseflow_algos.callbacks.sample_grid import run_folder
 from senseflow_algos.dtypes import DTYPES
+from senseflow_algos.registry import CALLBACKS
 from senseflow_algos.sampling import DEFAULT_METHOD, METHODS
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def gather_generator(generator: nn.Module) -> Optional[nn.Module]:
     return net.requires_grad_(False).eval()
 
 
+@CALLBACKS.register('export_pipeline')
 class ExportPipeline(Callback):
     """At ``Event.FIT_END``, export the generator with :func:`senseflow_algos.export.export_pipeline` (rank 0).
 

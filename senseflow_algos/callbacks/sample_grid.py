@@ -14,6 +14,7 @@ from composer.utils import dist, format_name_with_dist
 
 from senseflow_algos import limits
 from senseflow_algos.algorithms.utils import get_dmd_model
+from senseflow_algos.registry import CALLBACKS
 from senseflow_algos.sampling import DEFAULT_METHOD, METHODS, images_to_pil, sample
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ def run_folder(state: State) -> Path:
     return Path('runs') / str(state.run_name)
 
 
+@CALLBACKS.register('sample_grid')
 class SampleGrid(Callback):
     """Render fixed prompts with the student every ``every_n_batches`` batches.
 

@@ -26,6 +26,7 @@ calls ``load_state_dict`` on resume, so a resumed run sees exactly the batches t
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -38,8 +39,9 @@ import torch
 from streaming import Stream, StreamingDataset
 from torch.utils.data import DataLoader
 
-from senseflow_algos.data.samples import BadSample, open_image
+from senseflow_algos.data.samples import BadSampleError, open_image
 from senseflow_algos.data.uri import is_remote, join_uri, read_file
+from senseflow_algos.registry import DATASETS
 
 __all__ = [
     'KINDS', 'PRECOMPUTE_META_FILE', 'NEGATIVES_FILE', 'BadSampleError', 'SenseflowStreamingDataset',
@@ -57,10 +59,6 @@ EMBEDDING_KEYS = ('prompt_embeds', 'pooled_prompt_embeds')
 NEGATIVE_KEYS = ('negative_prompt_embeds', 'negative_pooled_prompt_embeds')
 #: Consecutive bad samples tolerated while looking for a replacement with ``bad_samples='skip'``.
 MAX_CONSECUTIVE_BAD = 1000
-
-
-class BadSampleError(ValueError):
-    """Bad training data, with the stream, shard and sample it came from."""
 
 
 def image_to_tensor(image, resolution: int) -> torch.Tensor:
@@ -260,18 +258,18 @@ class SenseflowStreamingDataset(StreamingDataset):
         if self.caption_column in self.columns:
             caption = sample[self.caption_column]
             if not isinstance(caption, str) or not caption.strip():
-                raise BadSample(f'empty caption in column {self.caption_column!r}')
+                raise BadSampleError(f'empty caption in column {self.caption_column!r}')
             out['prompt'] = caption
         if self.image_column in self.columns:
             out['image'] = image_to_tensor(open_image(sample[self.image_column]), self.resolution)
         for name, shape in self.array_columns.items():
             array = np.asarray(sample[name])
             if tuple(array.shape) != shape:
-                raise BadSample(f'{name} has shape {tuple(array.shape)}, expected {shape} for family '
-                                f'{self.meta.get("family")!r}')
+                raise BadSampleError(f'{name} has shape {tuple(array.shape)}, expected {shape} for family '
+                                     f'{self.meta.get("family")!r}')
             array = array.astype(np.float32)
             if not np.isfinite(array).all():
-                raise BadSample(f'{name} has non-finite values')
+                raise BadSampleError(f'{name} has non-finite values')
             out[name] = torch.from_numpy(array)
         out.update(self.negatives)
         return out
@@ -285,7 +283,7 @@ class SenseflowStreamingDataset(StreamingDataset):
             sample = super().__getitem__(at)
             try:
                 return self._convert(sample)
-            except BadSample as e:
+            except BadSampleError as e:
                 where = self._where(at)
                 key = sample.get('key')
                 where += f', key {key!r}' if isinstance(key, str) else ''
@@ -317,3 +315,28 @@ def build_streaming_dataloader(kind: str, batch_size: int, resolution: int, seed
         for key in ('persistent_workers', 'prefetch_factor'):
             kwargs.pop(key, None)
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=True, **kwargs)
+
+
+def _register_kind(kind: str) -> None:
+    """Register ``dataset.kind: <kind>``: the other ``dataset:`` keys are :func:`build_streaming_dataloader`'s."""
+
+    def build(batch_size: int, resolution: int, seed: int = 0, num_samples: Optional[int] = None,
+              **kwargs: Any) -> DataLoader:
+        if num_samples is not None:
+            raise ValueError(f'dataset.num_samples is for the synthetic kinds; dataset.kind={kind} streams the whole '
+                             'dataset: set dataset.num_samples=null (use dataset.streaming_kwargs.epoch_size to '
+                             'resize an epoch)')
+        return build_streaming_dataloader(kind, batch_size=batch_size, resolution=resolution, seed=seed, **kwargs)
+
+    build.__name__ = build.__qualname__ = f'build_{kind}_dataloader'
+    # What inspect.signature shows (config checks read it): build_streaming_dataloader's keywords, less ``kind``.
+    streaming = inspect.signature(build_streaming_dataloader).parameters
+    build.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [p for name, p in streaming.items() if name != 'kind'] +
+        [inspect.Parameter('num_samples', inspect.Parameter.KEYWORD_ONLY, default=None)],
+        return_annotation=DataLoader)
+    DATASETS.register(kind, build)
+
+
+for _kind in KINDS:
+    _register_kind(_kind)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from senseflow_algos.registry import DATASETS
+
 __all__ = ['SyntheticCaptionedImages', 'build_synthetic_dataloader', 'COLOURS']
 
 #: Colour name -> RGB in [-1, 1].
@@ -50,9 +52,11 @@ class SyntheticCaptionedImages(Dataset):
         return {'image': image, 'prompt': f'a {colour} square'}
 
 
+@DATASETS.register('synthetic')
 def build_synthetic_dataloader(batch_size: int, resolution: int, num_samples: int = 1024, seed: int = 0,
                                num_workers: int = 0) -> DataLoader:
-    """Dataloader over :class:`SyntheticCaptionedImages` (``batch_size`` is per device; each rank its own slice)."""
+    """Dataloader over :class:`SyntheticCaptionedImages` (``batch_size`` is per device; each rank its own slice);
+    ``dataset.kind: synthetic``."""
     from composer.utils import dist
 
     dataset = SyntheticCaptionedImages(num_samples, resolution, seed)

@@ -2,8 +2,8 @@
 
 The pipelines use the real diffusers / transformers classes with minimal sizes so
 that CPU tests and demo configs can run the complete training and sampling code
-paths without downloading anything. Tokenizers are built in-process with the
-``tokenizers`` library over a small vocabulary of prompt words.
+paths without downloading anything. Tokenizers are built in-process over a small
+vocabulary of prompt words (:mod:`senseflow_algos.models.tiny_tokenizers`).
 
 Example:
     python -m senseflow_algos.models.tiny flux /tmp/tiny-flux --seed 0
@@ -25,7 +25,6 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -37,74 +36,9 @@ from transformers import (
 )
 
 from senseflow_algos.flow import FLUX_SHIFT
+from senseflow_algos.models.tiny_tokenizers import CLIP_MAX_LENGTH, tiny_clip_tokenizer, tiny_t5_tokenizer
 
 LATENT_CHANNELS = 4
-CLIP_MAX_LENGTH = 77
-T5_MAX_LENGTH = 512
-
-_CLIP_BOS, _CLIP_EOS, _EOW = "<|startoftext|>", "<|endoftext|>", "</w>"
-_T5_PAD, _T5_EOS, _T5_UNK = "<pad>", "</s>", "<unk>"
-
-_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
-_WORDS = (
-    "red green blue yellow orange purple pink brown black white gray grey cyan magenta "
-    "circle square triangle rectangle star ellipse oval hexagon pentagon cross heart diamond line dot "
-    "a an the above below left right of and on in to with next top bottom small large big tiny "
-    "photo image picture background"
-).split() + list(_CHARS)
-
-
-def _bpe_merge(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Applies BPE merges the way ``tokenizers`` does: lowest rank first, then leftmost."""
-    while True:
-        candidates = [(ranks[pair], i) for i, pair in enumerate(zip(pieces, pieces[1:])) if pair in ranks]
-        if not candidates:
-            return pieces
-        _, i = min(candidates)
-        pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
-
-
-def _clip_tokenizer() -> CLIPTokenizerFast:
-    """Builds a CLIP-style BPE tokenizer in which every word of ``_WORDS`` is one token.
-
-    Other words fall back to single characters; unknown characters map to the
-    end-of-text token, which CLIP also uses as unk and pad token.
-    """
-    vocab = {_CLIP_BOS: 0, _CLIP_EOS: 1}
-    for char in _CHARS:
-        vocab.setdefault(char, len(vocab))
-        vocab.setdefault(char + _EOW, len(vocab))
-    ranks: dict[tuple[str, str], int] = {}
-    # Add merges until each word encodes to one token; later merges have a higher
-    # rank, so they never change how earlier words are encoded.
-    for word in _WORDS:
-        pieces = list(word[:-1]) + [word[-1] + _EOW]
-        while len(pieces := _bpe_merge(pieces, ranks)) > 1:
-            ranks[(pieces[0], pieces[1])] = len(ranks)
-            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
-    backend = Tokenizer(models.BPE(vocab, list(ranks), unk_token=_CLIP_EOS, end_of_word_suffix=_EOW))
-    backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    # CLIPTokenizerFast requires a pre-tokenizer Sequence.
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{_CLIP_BOS} $A {_CLIP_EOS}",
-        pair=f"{_CLIP_BOS} $A {_CLIP_EOS} $B {_CLIP_EOS}",
-        special_tokens=[(_CLIP_BOS, 0), (_CLIP_EOS, 1)],
-    )
-    backend.decoder = decoders.BPEDecoder(suffix=_EOW)
-    return CLIPTokenizerFast(tokenizer_object=backend, model_max_length=CLIP_MAX_LENGTH)
-
-
-def _t5_tokenizer() -> T5TokenizerFast:
-    """Builds a word-level T5-style tokenizer; unknown words map to ``<unk>``."""
-    vocab = {tok: i for i, tok in enumerate([_T5_PAD, _T5_EOS, _T5_UNK, *dict.fromkeys(_WORDS)])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=_T5_UNK))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"$A {_T5_EOS}", pair=f"$A {_T5_EOS} $B {_T5_EOS}", special_tokens=[(_T5_EOS, 1)]
-    )
-    return T5TokenizerFast(tokenizer_object=backend, extra_ids=0, model_max_length=T5_MAX_LENGTH)
 
 
 def _clip_config(tokenizer: CLIPTokenizerFast, hidden_size: int, projection_dim: int) -> CLIPTextConfig:
@@ -176,7 +110,7 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> Flu
     Returns:
         The pipeline with fp32 modules in eval mode.
     """
-    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     clip_hidden, t5_width = 24, 32
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(_clip_config(tokenizer, clip_hidden, clip_hidden)).eval()
@@ -225,7 +159,7 @@ def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     Returns:
         The pipeline with fp32 modules in eval mode.
     """
-    tokenizer, tokenizer_2, tokenizer_3 = _clip_tokenizer(), _clip_tokenizer(), _t5_tokenizer()
+    tokenizer, tokenizer_2, tokenizer_3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(), tiny_t5_tokenizer()
     (clip_l, proj_l), (clip_g, proj_g), t5_width = (16, 16), (24, 24), 48
     torch.manual_seed(seed)
     text_encoder = CLIPTextModelWithProjection(_clip_config(tokenizer, clip_l, proj_l)).eval()

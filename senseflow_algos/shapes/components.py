@@ -1,4 +1,4 @@
-"""The shapes-world FLUX pipeline: component builders, prompt encoding and a plain Euler sampler.
+"""The shapes-world FLUX pipeline: component builders, prompt encoding and the teacher's Euler sampling.
 
 The teacher uses the classes of FLUX.1-dev at a toy size:
 
@@ -6,12 +6,16 @@ The teacher uses the classes of FLUX.1-dev at a toy size:
 * ``AutoencoderKL`` with 3 levels (spatial factor 4) and 8 latent channels: 32x32 images <-> 8x8x8 latents, i.e.
   16 packed image tokens;
 * ``CLIPTextModel`` (pooled, width 32) and ``T5EncoderModel`` (sequence, width 64) with the project's tiny
-  tokenizers (every caption word is one token), CLIP padded to 16 tokens and T5 to :data:`MAX_SEQUENCE_LENGTH`;
+  tokenizers (:mod:`senseflow_algos.models.tiny_tokenizers`: every caption word is one token), CLIP padded to 16
+  tokens and T5 to :data:`MAX_SEQUENCE_LENGTH`;
 * ``FlowMatchEulerDiscreteScheduler`` with FLUX's dynamic shift.
 
 The T5 sequence length is part of the model: the teacher was trained with ``max_sequence_length=12`` and
 should be queried with it (``FluxPipeline(...)(prompt, max_sequence_length=12)``, ``family_kwargs:
 {max_sequence_length: 12}`` in a run YAML); FLUX's default of 512 pads 500 extra tokens the model never saw.
+
+Sampling reuses the library: FLUX's shift from :class:`~senseflow_algos.models.families.flux.FluxFamily` and
+:mod:`senseflow_algos.flow`, the loop from :func:`senseflow_algos.sampling.run_sampler` (``method='euler'``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import nn
 
 from senseflow_algos import flow
 from senseflow_algos.flow import FLUX_SHIFT
+from senseflow_algos.sampling import run_sampler
 
 __all__ = [
     'ASSETS', 'TEACHER_DIR', 'VFM_WEIGHTS', 'EVALUATOR_WEIGHTS', 'RESOLUTION', 'LATENT_CHANNELS',
@@ -56,9 +61,9 @@ def num_threads(n: Optional[int] = None) -> int:
 
 def build_tokenizers():
     """The project's CLIP-style BPE and T5-style word tokenizers (CLIP padded to :data:`CLIP_LENGTH`)."""
-    from senseflow_algos.models.tiny import _clip_tokenizer, _t5_tokenizer
+    from senseflow_algos.models.tiny_tokenizers import tiny_clip_tokenizer, tiny_t5_tokenizer
 
-    clip, t5 = _clip_tokenizer(), _t5_tokenizer()
+    clip, t5 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     clip.model_max_length = CLIP_LENGTH
     t5.model_max_length = MAX_SEQUENCE_LENGTH
     return clip, t5
@@ -160,15 +165,13 @@ def sample_euler(net: nn.Module, cond: dict[str, torch.Tensor], sigmas: torch.Te
                  guidance: Optional[float] = None, family=None) -> torch.Tensor:
     """Deterministic Euler from ``noise`` (sigma = sigmas[0]) through ``sigmas`` (ending in 0); returns latents.
 
-    ``guidance`` is the embedded guidance of a FLUX-dev network (``None`` for the guidance-free student).
+    The library's sampling loop (:func:`~senseflow_algos.sampling.run_sampler`, ``method='euler'``) on ``family``'s
+    velocity (default :class:`~senseflow_algos.models.families.flux.FluxFamily`). ``guidance`` is the embedded
+    guidance of a FLUX-dev network (``None`` for the guidance-free student).
     """
     from senseflow_algos.models.families.flux import FluxFamily
 
     family = family or FluxFamily()
     x = noise.float()
-    b = x.shape[0]
-    g = None if guidance is None else torch.full((b,), float(guidance), device=x.device)
-    for i in range(len(sigmas) - 1):
-        s = torch.full((b,), float(sigmas[i]), device=x.device)
-        x = flow.euler_step(x, family.velocity(net, x, s, cond, g), float(sigmas[i]), float(sigmas[i + 1]))
-    return x
+    g = None if guidance is None else torch.full((x.shape[0],), float(guidance), device=x.device)
+    return run_sampler(lambda x_t, sigma: family.velocity(net, x_t, sigma, cond, g), x, sigmas, method='euler')

@@ -31,7 +31,7 @@ from senseflow_algos.shapes.evaluator import ShapesEvaluator
 from senseflow_algos.shapes.world import render, sample_scene
 
 __all__ = ['EVAL_SEED', 'prompt_suite', 'renderer_images', 'TeacherSampler', 'evaluate_images', 'teacher_table',
-           'student_images', 'distillation_report', 'format_table', 'save_grid', 'ShapesReport',
+           'student_images', 'distillation_report', 'format_report_table', 'save_grid', 'ShapesReport',
            'teacher_cache_path', 'cached_teacher_images', 'fingerprint', 'compare_reports']
 
 EVAL_SEED = 5000
@@ -209,8 +209,10 @@ def distillation_report(model, evaluator: Optional[ShapesEvaluator] = None, n: i
                                                 (f'student {k}', student), ('renderer', real))}}}
 
 
-def format_table(report: dict) -> str:
-    """Markdown table of a report's rows."""
+def format_report_table(report: dict) -> str:
+    """Markdown table of a shapes distillation report's rows (one per sampler: FD-T, FD-R, accuracies, speed).
+
+    Not :func:`senseflow_algos.evaluation.table.format_table`, which formats ``eval.py``'s metric rows."""
     lines = ['| sampler | steps | FD-T | FD-R | acc single | acc two | acc all | colour | shape | position | '
              'relation | s / image |', '|' + '---|' * 12]
     for name, r in report['rows'].items():
@@ -288,7 +290,7 @@ def write_report(report: dict, folder: str | Path) -> str:
     """``report.json``, ``report.md`` and ``samples.png`` in ``folder``; returns the table."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    table = format_table(report)
+    table = format_report_table(report)
     images = report.pop('images', None)
     if images is not None:
         save_grid(images['columns'], images['prompts'], folder / 'samples.png')
@@ -372,7 +374,7 @@ class ShapesReport(_CallbackBase):
             if p not in others:
                 print(f'shapes_report.compare: {p} does not exist (run that configuration first); not compared')
         if others:
-            merged = format_table(compare_reports([folder / 'report.json', *others]))
+            merged = format_report_table(compare_reports([folder / 'report.json', *others]))
             (folder / 'compare.md').write_text(merged + '\n')
             print(f'\nBeside {", ".join(others)}:\n{merged}\nwritten to {folder / "compare.md"}', flush=True)
 
@@ -392,13 +394,13 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.compare:
         merged = compare_reports(a.compare)
-        print(write_report(merged, a.out) if a.out else format_table(merged))
+        print(write_report(merged, a.out) if a.out else format_report_table(merged))
         return
     C.num_threads(a.threads)
     sampler = TeacherSampler.from_pipeline(C.load_teacher(a.teacher))
     configs = [(s, g) for g in a.guidance for s in a.steps]
     report = teacher_table(sampler, ShapesEvaluator(), a.n, configs)
-    print(write_report(report, a.out) if a.out else format_table(report))
+    print(write_report(report, a.out) if a.out else format_report_table(report))
 
 
 if __name__ == '__main__':

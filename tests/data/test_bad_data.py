@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.data.conftest import RESOLUTION, read_dataset
+from tests.data.conftest import RESOLUTION, load_script, read_dataset
 
 
 def _write_mds(root, columns, samples):
@@ -46,6 +46,20 @@ def bad_image_mds(tmp_path):
         samples.append({'image': image, 'caption': caption, 'key': f'img{i}.png'})
     _write_mds(tmp_path / 'bad', IMAGE_COLUMNS, samples)
     return tmp_path / 'bad'
+
+
+def test_one_bad_data_exception():
+    """One class for bad data at every stage (issue 17 item 2): data_prep's per-record checks, the training data's
+    per-sample checks and its shard / stream errors."""
+    from senseflow_algos.data import BadSampleError, samples, streaming
+
+    assert streaming.BadSampleError is samples.BadSampleError is BadSampleError
+    assert load_script('precompute').BadSampleError is BadSampleError
+    import mds_writer  # data_prep/, put on sys.path by load_script as when the scripts run
+
+    assert mds_writer.BadSampleError is BadSampleError
+    with pytest.raises(BadSampleError, match='unreadable image'):
+        samples.open_image(b'not an image')
 
 
 # -- converters -------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from senseflow_algos.shapes.report import compare_reports, format_table
+from senseflow_algos.shapes.report import compare_reports, format_report_table
 
 
 def _row(steps, fd_t):
@@ -28,7 +28,7 @@ def test_two_runs_give_one_table(tmp_path):
     assert list(merged['rows']) == ['teacher 50-step Euler', 'teacher 4-step Euler', 'student 4-step',
                                     'teacher 2-step Euler', 'student 2-step']
     assert merged['rows']['student 2-step']['fd_t'] == 0.3
-    table = format_table(merged)
+    table = format_report_table(merged)
     assert '| student 2-step | 2 | 0.30 |' in table and 'renderer (ground truth)' in table
     # Two students of the same step count: the second is named by its run folder.
     again = _write(tmp_path / 'shapes_2step_b' / 'shapes_report' / 'report.json', 2, 0.25)

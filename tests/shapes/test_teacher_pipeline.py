@@ -60,3 +60,40 @@ def test_teacher_images_match_their_captions(pipe):
     scores = ShapesEvaluator().score(images, prompts)['single']
     assert scores['prompt'] >= 0.8, scores
     assert scores['colour'] >= 0.95 and scores['shape'] >= 0.9, scores
+
+
+def _reference_sigmas(steps, latent_hw=(8, 8)):
+    """teacher_sigmas as it was before it reused FluxFamily's shift (FLUX.1-dev's constants spelled out)."""
+    from senseflow_algos import flow
+
+    mu = flow.flux_mu((latent_hw[0] // 2) * (latent_hw[1] // 2), 256, 4096, 0.5, 1.15)
+    return flow.append_zero(flow.flux_time_shift(torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64), mu))
+
+
+@torch.no_grad()
+def _reference_euler(net, cond, sigmas, noise, guidance):
+    """The shapes world's own Euler loop before it reused sampling.run_sampler."""
+    from senseflow_algos import flow
+    from senseflow_algos.models.families.flux import FluxFamily
+
+    family, x = FluxFamily(), noise.float()
+    g = torch.full((x.shape[0],), float(guidance))
+    for i in range(len(sigmas) - 1):
+        s = torch.full((x.shape[0],), float(sigmas[i]))
+        x = flow.euler_step(x, family.velocity(net, x, s, cond, g), float(sigmas[i]), float(sigmas[i + 1]))
+    return x
+
+
+def test_library_sampler_is_bit_identical_to_the_shapes_loop(pipe):
+    """The report's teacher columns come from the library's sampler and FLUX shift: bit for bit what the shapes
+    world's own loop and constants gave (the shipped report's numbers depend on it)."""
+    for steps in (1, 4, 50):
+        for hw in ((8, 8), (64, 64)):
+            assert torch.equal(C.teacher_sigmas(steps, hw), _reference_sigmas(steps, hw))
+    prompts = ['a red circle', 'a blue square above a yellow triangle', 'a green star', '']
+    cond = TeacherSampler.from_pipeline(pipe).encode(prompts)
+    noise = torch.randn((4, C.LATENT_CHANNELS, 8, 8), generator=torch.Generator().manual_seed(5))
+    for steps in (4, 20):
+        sigmas = C.teacher_sigmas(steps)
+        mine = C.sample_euler(pipe.transformer, cond, sigmas, noise, C.DEFAULT_GUIDANCE)
+        assert torch.equal(mine, _reference_euler(pipe.transformer, cond, sigmas, noise, C.DEFAULT_GUIDANCE))

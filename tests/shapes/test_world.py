@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from senseflow_algos.models.tiny import _clip_tokenizer, _t5_tokenizer
+from senseflow_algos.models.tiny_tokenizers import tiny_clip_tokenizer, tiny_t5_tokenizer
 from senseflow_algos.shapes import world as W
 
 
@@ -85,7 +85,7 @@ def test_grammar_round_trip_and_rejects_other_text():
 
 
 def test_vocabulary_is_single_tokens_of_tiny_tokenizers():
-    clip, t5 = _clip_tokenizer(), _t5_tokenizer()
+    clip, t5 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     words = {w for i in range(400) for w in W.sample_scene(1, i).caption.split()}
     for w in words:
         assert len(clip(w, add_special_tokens=False).input_ids) == 1, w
