@@ -164,7 +164,7 @@ def _renoise_noise_fn(family: ModelFamily, shape: Sequence[int], rng: RngLike, d
 
 
 def run_sampler(velocity_fn: VelocityFn, noise: torch.Tensor, sigmas: Sequence[float] | torch.Tensor,
-                method: str = 'renoise', noise_fn: Optional[NoiseFn] = None, progress: bool = False) -> torch.Tensor:
+                method: str = DEFAULT_METHOD, noise_fn: Optional[NoiseFn] = None, progress: bool = False) -> torch.Tensor:
     """The sampling loop, family-agnostic: ``len(sigmas) - 1`` calls of ``velocity_fn``.
 
     Args:
@@ -244,7 +244,7 @@ def _resolve(source: Union['DMDModel', SamplingComponents]) -> SamplingComponent
 
 @torch.no_grad()
 def sample(source: Union['DMDModel', SamplingComponents], prompts: Optional[Sequence[str]] = None, *,
-           cond: Optional[Conditioning] = None, rng: RngLike = None, method: str = 'renoise',
+           cond: Optional[Conditioning] = None, rng: RngLike = None, method: str = DEFAULT_METHOD,
            decode: bool = True, progress: bool = False) -> SampleOutput:
     """Generate with the student in ``len(sigmas) - 1`` steps (``model.num_steps``), no classifier-free guidance.
 

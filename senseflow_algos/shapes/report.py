@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from senseflow_algos.evaluation.fid import fid_from_features
+from senseflow_algos.sampling import DEFAULT_METHOD
 from senseflow_algos.shapes import components as C
 from senseflow_algos.shapes.evaluator import ShapesEvaluator
 from senseflow_algos.shapes.world import render, sample_scene
@@ -100,7 +101,7 @@ class TeacherSampler:
 
 
 @torch.no_grad()
-def student_images(model, prompts: Sequence[str], seed: int = 0, method: str = 'renoise') -> torch.Tensor:
+def student_images(model, prompts: Sequence[str], seed: int = 0, method: str = DEFAULT_METHOD) -> torch.Tensor:
     """The DMD model's generator in its anchor steps (``model.num_steps``, default 4) (``senseflow_algos.sampling.sample``), in [-1, 1]."""
     from senseflow_algos.sampling import SamplingComponents, sample
 

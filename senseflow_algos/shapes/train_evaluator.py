@@ -56,24 +56,24 @@ def render_targets(seed: int, n: int, blank_fraction: float = 0.0):
             torch.from_numpy(size), captions)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def augment(x: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Blur (p 0.5, Gaussian std U(0.3, 1.5) px), hue-preserving contrast / brightness jitter and noise (std
     U(0, 0.1)), per image. Returns the images and the degradation parameters ``(B, 3)``: blur std, noise std,
     contrast - 1 (targets of the embedding's quality head)."""
     b = x.shape[0]
     bg = torch.tensor(BACKGROUND).view(1, 3, 1, 1) * 2 - 1
-    contrast = 0.85 + 0.3 * torch.rand(b, 1, 1, 1, generator=gen)
-    shift = 0.16 * torch.rand(b, 1, 1, 1, generator=gen) - 0.08 + 0.06 * torch.rand(b, 3, 1, 1, generator=gen) - 0.03
+    contrast = 0.85 + 0.3 * torch.rand(b, 1, 1, 1, generator=rng)
+    shift = 0.16 * torch.rand(b, 1, 1, 1, generator=rng) - 0.08 + 0.06 * torch.rand(b, 3, 1, 1, generator=rng) - 0.03
     x = (x - bg) * contrast + bg + shift
-    blur = torch.where(torch.rand(b, generator=gen) < 0.5, 0.3 + 1.2 * torch.rand(b, generator=gen), torch.zeros(b))
+    blur = torch.where(torch.rand(b, generator=rng) < 0.5, 0.3 + 1.2 * torch.rand(b, generator=rng), torch.zeros(b))
     t = torch.arange(-3, 4, dtype=torch.float32)
     k1 = torch.exp(-t**2 / (2 * blur.clamp_min(1e-3)[:, None]**2))
     k1 = k1 / k1.sum(1, keepdim=True)
     kernel = (k1[:, :, None] * k1[:, None, :]).repeat_interleave(3, 0).unsqueeze(1)  # (B*3, 1, 7, 7)
     x = F.conv2d(F.pad(x, (3, 3, 3, 3), mode='replicate').reshape(1, b * 3, x.shape[2] + 6, x.shape[3] + 6),
                  kernel, groups=b * 3).view_as(x)
-    sigma = 0.1 * torch.rand(b, 1, 1, 1, generator=gen)
-    x = (x + sigma * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+    sigma = 0.1 * torch.rand(b, 1, 1, 1, generator=rng)
+    x = (x + sigma * torch.randn(x.shape, generator=rng)).clamp(-1, 1)
     return x, torch.stack([blur, sigma.flatten(), contrast.flatten() - 1], 1)
 
 
@@ -135,11 +135,11 @@ def main(argv=None):
     warm = max(1, a.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, a.steps, warm))
-    gen = torch.Generator().manual_seed(a.seed)
+    rng = torch.Generator().manual_seed(a.seed)
     t1 = time.time()
     for step in range(a.steps):
-        idx = torch.randint(a.pool, (a.batch,), generator=gen)
-        x, quality = augment(images[idx], gen)
+        idx = torch.randint(a.pool, (a.batch,), generator=rng)
+        x, quality = augment(images[idx], rng)
         out = net(x)
         loss, parts = loss_fn(out, presence[idx], centre[idx], size[idx], quality)
         optimizer_step(opt, loss)

@@ -133,13 +133,13 @@ def stage_vae(work: Path, steps: int, batch: int, lr: float, kl_weight: float, s
     images, _ = _load_pool(work)
     vae = C.build_vae(seed).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     t0 = time.time()
     for step in range(steps):
         _set_lr(opt, step, steps, lr, 50)
-        x = images[torch.randint(len(images), (batch,), generator=gen)]
+        x = images[torch.randint(len(images), (batch,), generator=rng)]
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=rng)
         rec = vae.decode(z).sample
         l1, mse = (rec - x).abs().mean(), F.mse_loss(rec, x)
         kl = post.kl().mean() / post.mean[0].numel()
@@ -222,18 +222,18 @@ def stage_t2i(work: Path, steps: int, batch: int, lr: float, dropout: float, ema
     log(f'{name}: transformer {n_params / 1e6:.2f}M params, {len(latents)} pool latents')
     t0, losses = time.time(), []
     for step in range(start, steps):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        rng = torch.Generator().manual_seed(seed * 1_000_003 + step)
         _set_lr(opt, step, steps, lr, 100)
-        idx = torch.randint(len(latents), (batch,), generator=gen)
+        idx = torch.randint(len(latents), (batch,), generator=rng)
         if position_fraction > 0:
-            pick = positional[torch.randint(len(positional), (batch,), generator=gen)]
-            idx = torch.where(torch.rand(batch, generator=gen) < position_fraction, pick, idx)
+            pick = positional[torch.randint(len(positional), (batch,), generator=rng)]
+            idx = torch.where(torch.rand(batch, generator=rng) < position_fraction, pick, idx)
         x0 = latents[idx]
-        drop = torch.rand(batch, generator=gen) < dropout
+        drop = torch.rand(batch, generator=rng) < dropout
         prompts = ['' if d else captions[i] for d, i in zip(drop.tolist(), idx.tolist())]
         cond = C.encode_prompts(prompts, tok, clip, tok2, t5)
-        sigma = flow.sample_logit_normal(batch, gen).float()
-        noise = flow.sample_noise(x0.shape, gen)
+        sigma = flow.sample_logit_normal(batch, rng).float()
+        noise = flow.sample_noise(x0.shape, rng)
         x_t = flow.add_noise(x0, noise, sigma)
         v = fam.velocity(net, x_t, sigma, cond, torch.ones(batch))
         loss = F.mse_loss(v, noise - x0)
@@ -282,18 +282,18 @@ def stage_guidance(work: Path, steps: int, batch: int, lr: float, guidance_range
     t0, losses = time.time(), []
     lo, hi = guidance_range
     for step in range(steps):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + 7 * step + 1)
+        rng = torch.Generator().manual_seed(seed * 1_000_003 + 7 * step + 1)
         _set_lr(opt, step, steps, lr, 50)
-        idx = torch.randint(len(latents), (batch,), generator=gen)
+        idx = torch.randint(len(latents), (batch,), generator=rng)
         x0 = latents[idx]
         with torch.no_grad():
             cond = C.encode_prompts([captions[i] for i in idx.tolist()], tok, clip, tok2, t5)
             # Half logit-normal, half uniform sigmas: the sampler visits the whole [0, 1].
-            sigma = torch.where(torch.rand(batch, generator=gen) < 0.5, flow.sample_logit_normal(batch, gen),
-                                torch.rand(batch, generator=gen, dtype=torch.float64)).float()
-            noise = flow.sample_noise(x0.shape, gen)
+            sigma = torch.where(torch.rand(batch, generator=rng) < 0.5, flow.sample_logit_normal(batch, rng),
+                                torch.rand(batch, generator=rng, dtype=torch.float64)).float()
+            noise = flow.sample_noise(x0.shape, rng)
             x_t = flow.add_noise(x0, noise, sigma)
-            w = lo + (hi - lo) * torch.rand(batch, generator=gen)
+            w = lo + (hi - lo) * torch.rand(batch, generator=rng)
             both = {k: torch.cat([cond[k], uncond1[k].expand_as(cond[k])]) for k in cond}
             v = fam.velocity(base, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), both, torch.ones(2 * batch))
             v_c, v_u = v.chunk(2)

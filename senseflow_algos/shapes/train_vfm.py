@@ -129,14 +129,14 @@ def main(argv=None):
     warm = max(1, a.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, a.steps, warm))
-    gen = torch.Generator().manual_seed(a.seed)
+    rng = torch.Generator().manual_seed(a.seed)
     grid = 32 // model.patch
     background_mse = float((images - images[:, :, :1, :1]).pow(2).mean())  # predicting the background everywhere
     log(f'baseline (background everywhere) MSE {background_mse:.4f}')
     t1, losses = time.time(), []
     for step in range(a.steps):
-        x = images[torch.randint(a.pool, (a.batch,), generator=gen)]
-        mask = torch.rand(a.batch, grid, grid, generator=gen).flatten(1).argsort(1) < int(a.mask_ratio * grid * grid)
+        x = images[torch.randint(a.pool, (a.batch,), generator=rng)]
+        mask = torch.rand(a.batch, grid, grid, generator=rng).flatten(1).argsort(1) < int(a.mask_ratio * grid * grid)
         loss = model(x, mask.view(a.batch, grid, grid))
         optimizer_step(opt, loss, model, max_grad_norm=1.0)
         sched.step()
