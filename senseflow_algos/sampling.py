@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from senseflow_algos import flow
-from senseflow_algos.models.families import Conditioning, ModelFamily
+from senseflow_algos.models.families import DEFAULT_NUM_STEPS, Conditioning, ModelFamily
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -108,7 +108,7 @@ class SamplingComponents:
     @classmethod
     def build(cls, family: ModelFamily, net: nn.Module, vae: nn.Module, conditioner: Optional[nn.Module],
               resolution: int, anchors: Optional[Sequence[float]] = None,
-              num_steps: int = 4) -> 'SamplingComponents':
+              num_steps: int = DEFAULT_NUM_STEPS) -> 'SamplingComponents':
         """Components for a ``(family, generator, vae, conditioner)`` tuple at a square ``resolution``.
 
         Args:

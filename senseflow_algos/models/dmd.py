@@ -28,7 +28,7 @@ from composer.models import ComposerModel
 from composer.utils import dist
 
 from senseflow_algos import flow, limits
-from senseflow_algos.models.families import Components, Conditioning, ModelFamily
+from senseflow_algos.models.families import DEFAULT_NUM_STEPS, Components, Conditioning, ModelFamily
 from senseflow_algos.models.step import GeneratorStep
 from senseflow_algos.optim import Phase, TrainingPhase
 
@@ -76,7 +76,7 @@ class DMDModel(ComposerModel):
 
     def __init__(self, family: ModelFamily, components: Components, resolution: int, gen_every: int = 5,
                  backsim_prob: float = 0.5, dmd_guidance: Sequence[float] = (1.0, 8.0), seed: int = 0,
-                 num_steps: int = 4):
+                 num_steps: int = DEFAULT_NUM_STEPS):
         super().__init__()
         limits.check('model.num_steps', num_steps)
         limits.check('model.gen_every', gen_every)

@@ -55,7 +55,7 @@ class RunSettings:
     stochastic_rounding: bool
     max_duration: str
     seed: int
-    num_steps: int = 4
+    num_steps: int
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property

@@ -1,7 +1,13 @@
 """Teacher families behind one interface. Adding a family: one file with a :class:`ModelFamily` subclass,
 registered in :data:`FAMILIES`."""
 
-from senseflow_algos.models.families.base import UNIFORM_ANCHORS, Components, Conditioning, ModelFamily
+from senseflow_algos.models.families.base import (
+    DEFAULT_NUM_STEPS,
+    UNIFORM_ANCHORS,
+    Components,
+    Conditioning,
+    ModelFamily,
+)
 from senseflow_algos.models.families.flux import FluxConditioner, FluxFamily
 from senseflow_algos.models.families.sd35 import SD35Conditioner, SD35Family
 
@@ -17,6 +23,6 @@ def get_family(name: str, **kwargs) -> ModelFamily:
 
 
 __all__ = [
-    'Components', 'Conditioning', 'ModelFamily', 'UNIFORM_ANCHORS', 'FAMILIES', 'get_family', 'FluxFamily',
+    'Components', 'Conditioning', 'ModelFamily', 'UNIFORM_ANCHORS', 'DEFAULT_NUM_STEPS', 'FAMILIES', 'get_family', 'FluxFamily',
     'FluxConditioner', 'SD35Family', 'SD35Conditioner'
 ]

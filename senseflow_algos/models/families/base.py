@@ -16,7 +16,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ['Components', 'ModelFamily', 'Conditioning', 'UNIFORM_ANCHORS', 'drop_vae_encoder']
+__all__ = ['Components', 'ModelFamily', 'Conditioning', 'UNIFORM_ANCHORS', 'DEFAULT_NUM_STEPS', 'drop_vae_encoder']
+
+#: Student sampling steps (= anchors) when none are named: the paper's 4.
+DEFAULT_NUM_STEPS = 4
 
 #: The four generator timesteps before each family's shift (``flow.uniform_times(4)``; other step counts: that).
 UNIFORM_ANCHORS = (1.0, 0.75, 0.5, 0.25)
@@ -127,7 +130,7 @@ class ModelFamily(abc.ABC):
     # -- schedule -----------------------------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def anchors(self, latent_hw: tuple[int, int], num_steps: int = 4) -> torch.Tensor:
+    def anchors(self, latent_hw: tuple[int, int], num_steps: int = DEFAULT_NUM_STEPS) -> torch.Tensor:
         """The generator's ``num_steps`` sigmas (float64, descending, first is 1) for latents of size ``latent_hw``.
 
         They are :func:`~senseflow_algos.flow.uniform_times` (``[1, .75, .5, .25]`` for 4 steps) through the family's
@@ -232,7 +235,7 @@ class ModelFamily(abc.ABC):
         return self.index_to_sigma(t_mid)
 
 
-def shifted_anchors(shift_fn, num_steps: int = 4) -> torch.Tensor:
+def shifted_anchors(shift_fn, num_steps: int = DEFAULT_NUM_STEPS) -> torch.Tensor:
     """Apply a family's time shift to the ``num_steps`` uniform pre-shift times (:func:`flow.uniform_times`)."""
     from senseflow_algos import flow
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from senseflow_algos import flow
 from senseflow_algos.models.families.base import (
+    DEFAULT_NUM_STEPS,
     Components,
     Conditioning,
     ModelFamily,
@@ -168,7 +169,7 @@ class FluxFamily(ModelFamily):
         """The time-shift exponent at latents of spatial size ``latent_hw`` (``h/2 * w/2`` packed tokens)."""
         return flow.flux_mu((latent_hw[0] // 2) * (latent_hw[1] // 2), **self.shift_params)
 
-    def anchors(self, latent_hw, num_steps=4):
+    def anchors(self, latent_hw, num_steps=DEFAULT_NUM_STEPS):
         mu = self.mu(latent_hw)
         return shifted_anchors(lambda s: flow.flux_time_shift(s, mu), num_steps)
 

@@ -9,6 +9,7 @@ import torch
 
 from senseflow_algos import flow
 from senseflow_algos.models.families.base import (
+    DEFAULT_NUM_STEPS,
     Components,
     Conditioning,
     ModelFamily,
@@ -158,7 +159,7 @@ class SD35Family(ModelFamily):
 
     # -- schedule -----------------------------------------------------------------------------------------------------
 
-    def anchors(self, latent_hw, num_steps=4):
+    def anchors(self, latent_hw, num_steps=DEFAULT_NUM_STEPS):
         return shifted_anchors(lambda s: flow.shift_sigma(s, self.shift), num_steps)
 
     def index_to_sigma(self, index):
