@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from senseflow_algos.algorithms import VFMDiscriminator
-from senseflow_algos.algorithms.vfm_discriminator.network import DiscriminatorHead, VFMDiscriminatorHeads
+from senseflow_algos.algorithms.vfm_discriminator.heads import DiscriminatorHead, VFMDiscriminatorHeads
 from senseflow_algos.config import ConfigError, load_config, validate_config
 
 C_DIM, CMAP = 16, 4

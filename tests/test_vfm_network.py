@@ -5,16 +5,14 @@ import math
 import pytest
 import torch
 
-from senseflow_algos.algorithms.vfm_discriminator.diffaug import diff_augment, rand_cutout, rand_translation
-from senseflow_algos.algorithms.vfm_discriminator.losses import hinge_d_loss, hinge_g_loss
-from senseflow_algos.algorithms.vfm_discriminator.network import (
+from senseflow_algos.algorithms.vfm_discriminator.backbone import (
     DINOV2_VITL_BLOCK_INDICES,
-    BatchNormLocal,
-    DiscriminatorHead,
     VFMBackbone,
-    VFMDiscriminatorHeads,
     default_block_indices,
 )
+from senseflow_algos.algorithms.vfm_discriminator.diffaug import diff_augment, rand_cutout, rand_translation
+from senseflow_algos.algorithms.vfm_discriminator.heads import BatchNormLocal, DiscriminatorHead, VFMDiscriminatorHeads
+from senseflow_algos.algorithms.vfm_discriminator.losses import hinge_d_loss, hinge_g_loss
 
 # A 4-block, 32-wide DINOv2-style ViT (patch 14, CLS token, layer scale) at 56 px: a 4x4 patch grid.
 TINY_NAME = 'vit_small_patch14_dinov2'
