@@ -18,6 +18,16 @@ PLUGIN = ['plugins=[tests.registry_plugin]', 'dataset.kind=plugin_squares', 'dat
           'dataset.num_samples=8', 'callbacks.plugin_batch_counter={label: seen}']
 
 
+@pytest.fixture(autouse=True, scope='module')
+def _forget_the_plugin():
+    """The test plugin's names leave the process-wide registries with this module, so later tests (e.g.
+    tests/test_schema_signatures.py, which holds the registries against the schema) see the library's names only."""
+    yield
+    DATASETS.unregister('plugin_squares')
+    CALLBACKS.unregister('plugin_batch_counter')
+    sys.modules.pop('tests.registry_plugin', None)
+
+
 def _cfg(yaml_name: str, overrides=()):
     path = YAMLS / f'{yaml_name}.yaml'
     cfg = load_config(path, list(overrides))
