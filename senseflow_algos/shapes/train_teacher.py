@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from composer.functional import compute_ema
 
 from senseflow_algos import flow
 from senseflow_algos.models.families.flux import FluxFamily
@@ -49,30 +50,40 @@ STAGES = ('data', 'vae', 't2i', 't2i_ft', 'guidance', 'save')
 
 
 class EMA:
-    """Exponential moving average of a module's floating-point state (warm-up ``min(decay, (1+n)/(10+n))``).
+    """Exponential moving average of a module's state with warm-up: ``composer.functional.compute_ema`` at smoothing
+    ``min(decay, (1+n)/(10+n))`` on update ``n`` (Composer's own EMA algorithm has no such warm-up).
 
-    Not ``composer.functional.compute_ema``, on purpose: it computes ``ema * d + w * (1 - d)`` (two rounded
-    products), this class ``ema.mul_(d).add_(w, alpha=1 - d)`` (a fused multiply-add on CPU), with which the shipped
-    teacher was trained. The two differ in the last bits (measured on the teacher's modules: all 216 tensors, up to
-    4.8e-7 after 100 updates), so a retrain with ``compute_ema`` would not reproduce ``assets/teacher`` bit for bit.
+    Non-floating-point state (e.g. integer buffers) is copied, not averaged. Note: the shipped ``assets/teacher`` was
+    trained with a fused ``ema.mul_(d).add_(w, alpha=1 - d)``; ``compute_ema``'s two rounded products differ from it
+    in the last bits (measured on the teacher's modules: up to 4.8e-7 after 100 updates), so a retrain reproduces the
+    assets to that precision, not bit for bit.
     """
 
     def __init__(self, module: torch.nn.Module, decay: float):
         self.decay, self.n = decay, 0
-        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        self.average = copy.deepcopy(module).requires_grad_(False)
+
+    @property
+    def shadow(self) -> dict[str, torch.Tensor]:
+        """The averaged state dict (what a stage checkpoint stores)."""
+        return self.average.state_dict()
+
+    def load(self, shadow: dict[str, torch.Tensor], n: int) -> None:
+        """Resume from a stage checkpoint's :attr:`shadow` after ``n`` updates."""
+        self.average.load_state_dict(shadow)
+        self.n = n
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
         self.n += 1
-        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        compute_ema(module, self.average, smoothing=min(self.decay, (1 + self.n) / (10 + self.n)))
+        average = self.average.state_dict()
         for k, v in module.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
-            else:
-                self.shadow[k].copy_(v)
+            if not v.dtype.is_floating_point:
+                average[k].copy_(v)
 
     def copy_to(self, module: torch.nn.Module) -> torch.nn.Module:
-        module.load_state_dict(self.shadow)
+        module.load_state_dict(self.average.state_dict())
         return module
 
 
@@ -215,7 +226,8 @@ def stage_t2i(work: Path, steps: int, batch: int, lr: float, dropout: float, ema
     if ckpt.exists():
         state = torch.load(ckpt)
         modules.load_state_dict(state['modules']), opt.load_state_dict(state['opt'])
-        ema.shadow, ema.n, start = state['ema'], state['ema_n'], state['step']
+        ema.load(state['ema'], state['ema_n'])
+        start = state['step']
         log(f'{name}: resumed at step {start}')
     fam = FluxFamily()
     n_params = sum(p.numel() for p in net.parameters())

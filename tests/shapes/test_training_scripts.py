@@ -44,3 +44,27 @@ def test_teacher_script_end_to_end(tmp_path):
     # The guidance stage changed the distilled transformer (it is not the fine-tuned one copied).
     ft = torch.load(work / 't2i_ft2.pt')['modules']
     assert any(not torch.equal(v, ft[k]) for k, v in saved.items() if k.startswith('transformer.'))
+
+
+def test_teacher_ema_warmup_formula():
+    """EMA with warm-up, by hand in float64: e_n = d_n e_(n-1) + (1 - d_n) w_n, d_n = min(decay, (1+n)/(10+n));
+    an integer buffer is copied, not averaged."""
+    from senseflow_algos.shapes.train_teacher import EMA
+
+    net = torch.nn.Linear(3, 2)
+    net.register_buffer('count', torch.tensor(0, dtype=torch.long))
+    ema = EMA(net, decay=0.3)  # warm-up for n <= 2, capped at 0.3 from n = 3
+    expected = net.weight.detach().double().clone()
+    for n in range(1, 6):
+        with torch.no_grad():
+            net.weight.add_(torch.full_like(net.weight, float(n)))
+        net.count.fill_(10 * n)
+        ema.update(net)
+        d = min(0.3, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * net.weight.detach().double()
+        assert torch.allclose(ema.shadow['weight'].double(), expected, atol=1e-6, rtol=0)
+        assert int(ema.shadow['count']) == 10 * n
+    assert not torch.equal(ema.shadow['weight'], net.weight)  # averaged, not copied
+    target = torch.nn.Linear(3, 2)
+    target.register_buffer('count', torch.tensor(0, dtype=torch.long))
+    assert torch.equal(ema.copy_to(target).weight, ema.shadow['weight'])
