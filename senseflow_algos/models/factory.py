@@ -11,14 +11,14 @@ from senseflow_algos.models.dmd import DMDModel
 from senseflow_algos.models.families import get_family
 from senseflow_algos.models.lora import apply_lora
 
-__all__ = ['build_dmd_model', 'build_encoders', 'DTYPES']
+__all__ = ['COMPILED_NETWORKS', 'build_dmd_model', 'build_encoders', 'compile_transformer_blocks', 'DTYPES']
 
 def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = None, tiny: bool = False,
                     revision: Optional[str] = None, dtype: str = 'fp32', teacher_dtype: Optional[str] = None,
                     encoder_dtype: Optional[str] = None, family_kwargs: Optional[dict[str, Any]] = None,
                     seed: int = 0, text_encoders: bool = True, vae_encoder: bool = True,
                     lora: Optional[dict[str, Any]] = None, transformers_on_meta: bool = False,
-                    **dmd_kwargs: Any) -> DMDModel:
+                    compile_blocks: bool = False, **dmd_kwargs: Any) -> DMDModel:
     """Build a DMD model for a teacher family.
 
     Args:
@@ -45,6 +45,9 @@ def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = No
             meta device from the teacher's config and receive their weights from global rank 0 when FSDP wraps them
             (the lean start; :func:`~senseflow_algos.models.fsdp.lean_start` decides). VAE and text encoders are
             loaded all the same. Needs ``pretrained``. Default: ``False``.
+        compile_blocks (bool): ``torch.compile`` every transformer block of generator, fake score and teacher in
+            place (:func:`compile_transformer_blocks`); compiled on first call, after FSDP has wrapped them.
+            Default: ``False`` (eager).
         **dmd_kwargs: Further keyword arguments of :class:`DMDModel` (``gen_every``, ``backsim_prob``,
             ``dmd_guidance``, ``num_steps``); one left out takes the model's default, its one definition.
     """
@@ -60,9 +63,46 @@ def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = No
                                          vae_encoder=vae_encoder, transformers_on_meta=transformers_on_meta)
     else:
         raise ValueError('set model.pretrained (hub id or local diffusers folder) or model.tiny=true')
+    if not isinstance(compile_blocks, bool):
+        raise ValueError(f'model.compile_blocks={compile_blocks!r} must be true or false')
     if lora is not None:
         apply_lora(components.student, **lora)  # the fake score is copied from the student, adapters included
-    return DMDModel(fam, components, resolution=resolution, seed=seed, **dmd_kwargs)
+    model = DMDModel(fam, components, resolution=resolution, seed=seed, **dmd_kwargs)
+    if compile_blocks:  # after DMDModel deep-copies the fake score from the student: a copy would share no compile
+        compile_transformer_blocks(model)
+    return model
+
+
+#: The networks whose transformer blocks ``model.compile_blocks`` compiles.
+COMPILED_NETWORKS = ('generator', 'fake_score', 'teacher')
+
+
+def compile_transformer_blocks(model: DMDModel, **compile_kwargs: Any) -> int:
+    """Compile each ``transformer_blocks`` / ``single_transformer_blocks`` entry of generator, fake score and teacher.
+
+    Uses ``nn.Module.compile`` (in place), not ``torch.compile(module)``: the block keeps its class, its parameters and
+    its state-dict keys (no ``_orig_mod.`` wrapper), so ``prepare_for_fsdp``'s per-block ``isinstance`` wrap and
+    activation-checkpointing hooks, checkpoints, LoRA export and the phased closures see the same modules as in eager
+    mode. Only the block's ``__call__`` goes through dynamo; compilation happens at the first call of each block
+    (inside FSDP's and the checkpoint wrapper's forward), and identical blocks share one compiled graph.
+
+    Args:
+        model (DMDModel): The model, before the Trainer wraps it.
+        **compile_kwargs: Keyword arguments of ``torch.compile`` (e.g. ``mode``). Default: none.
+
+    Returns:
+        The number of blocks compiled.
+    """
+    count = 0
+    for name in COMPILED_NETWORKS:
+        net = getattr(model, name)
+        for attr in ('transformer_blocks', 'single_transformer_blocks'):
+            for block in getattr(net, attr, []):
+                block.compile(**compile_kwargs)
+                count += 1
+    if not count:
+        raise TypeError(f'model.compile_blocks: {type(model.generator).__name__} has no transformer_blocks to compile')
+    return count
 
 
 def build_encoders(family: str, pretrained: Optional[str] = None, tiny: bool = False, revision: Optional[str] = None,
