@@ -39,7 +39,7 @@ from senseflow_algos.registry import ALGORITHMS, CALLBACKS, DATASETS, Registry
 
 __all__ = [
     'build_model', 'build_dataloader', 'build_optimizer', 'build_scheduler', 'build_algorithms', 'build_callbacks',
-    'build_loggers', 'build_trainer', 'save_run_config', 'ALGORITHMS', 'CALLBACKS', 'DATASETS', 'SCHEDULERS'
+    'build_loggers', 'build_trainer', 'check_compile_blocks', 'save_run_config', 'ALGORITHMS', 'CALLBACKS', 'DATASETS', 'SCHEDULERS'
 ]
 
 #: ``scheduler.name`` -> Composer scheduler class.
@@ -131,6 +131,21 @@ def build_loggers(loggers_cfg: dict[str, Any] | None, full_cfg: dict[str, Any]) 
     return loggers
 
 
+def check_compile_blocks(cfg: dict[str, Any], fsdp_version: str) -> None:
+    """Refuse ``model.compile_blocks: true`` where per-block compile cannot work, naming the keys.
+
+    FSDP1 with ``use_orig_params: false`` hands the blocks flat-parameter views that dynamo cannot guard on (torch
+    supports compiling FSDP1 submodules only with the original parameters exposed).
+    """
+    if not cfg['model'].get('compile_blocks'):
+        return
+    fsdp = (cfg['trainer'].get('parallelism_config') or {}).get('fsdp')
+    if fsdp is not None and fsdp_version != '2' and fsdp.get('use_orig_params') is False:
+        raise ValueError('model.compile_blocks=true needs trainer.parallelism_config.fsdp.use_orig_params=true (FSDP1 '
+                         'flat parameters cannot be compiled per block); drop use_orig_params or set '
+                         'model.compile_blocks=false')
+
+
 def build_trainer(cfg: dict[str, Any]) -> Trainer:
     """Build everything a validated run config describes and return the Composer ``Trainer``."""
     import_plugins(cfg)  # their dataset kinds and callbacks (train.py imported them already while validating)
@@ -142,6 +157,7 @@ def build_trainer(cfg: dict[str, Any]) -> Trainer:
         raise ValueError('optimizer.kind=adamw_8bit is for unsharded runs (one GPU, DDP): bitsandbytes\' block-wise '
                          'state cannot be saved by a sharded (FSDP) checkpoint. Use optimizer.kind=adamw with FSDP, '
                          'or trainer.parallelism_config=null')
+    check_compile_blocks(cfg, fsdp_version)
     device = fsdp_device() if fsdp else None  # before any model loads: FSDP1 without CUDA fails here
     install_atomic_checkpoint_writes()
     check_before_load(trainer_cfg, cfg.get('run_name'), dist.get_global_rank())  # before any model loads
