@@ -7,7 +7,10 @@ difference, each batch's wall time, the compile overhead (the compiled run's ext
 batches, where dynamo traces and inductor builds the C++ kernels) and the steady-state step time both ways (median
 of the batches after the warm-up).
 
-    python bench/compile_check.py [--batches 10] [--warmup 5] [--threads 1]
+    python bench/compile_check.py [--batches 10] [--warmup 5] [--threads 1] [--warm-cache]
+
+Inductor's kernel cache starts empty (a fresh ``TORCHINDUCTOR_CACHE_DIR``), so the compile time is a cold start's,
+unless ``--warm-cache`` keeps the user's cache.
 
 Writes ``bench/results/compile_check.md`` and ``bench/results/compile_check.json``.
 """
@@ -16,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -83,7 +88,10 @@ def main() -> None:
     p.add_argument('--batches', type=int, default=10)
     p.add_argument('--warmup', type=int, default=5, help='batches counted as compile warm-up (both phases compiled)')
     p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--warm-cache', action='store_true', help="keep inductor's on-disk cache (default: a fresh one)")
     args = p.parse_args()
+    if not args.warm_cache:  # read by inductor at each compile: set before the first one
+        os.environ['TORCHINDUCTOR_CACHE_DIR'] = tempfile.mkdtemp(prefix='compile_check_inductor_')
     torch.set_num_threads(args.threads)
     eager = run(args.batches, compile_blocks=False)
     compiled = run(args.batches, compile_blocks=True)
@@ -96,11 +104,13 @@ def main() -> None:
     versions = {'python': platform.python_version(), 'torch': torch.__version__, 'composer': composer.__version__,
                 'diffusers': diffusers.__version__, 'cpu': platform.processor() or platform.machine(),
                 'threads': args.threads}
-    command = f'python bench/compile_check.py --batches {args.batches} --warmup {w} --threads {args.threads}'
+    command = (f'python bench/compile_check.py --batches {args.batches} --warmup {w} --threads {args.threads}'
+               + (' --warm-cache' if args.warm_cache else ''))
     result = {'command': command, 'versions': versions, 'rtol': RTOL, 'atol': ATOL, 'eager': eager,
               'compiled': compiled, 'max_abs_diff': abs_d, 'max_rel_diff': rel_d,
               'within_tolerance': all(abs(a[k] - b[k]) <= ATOL + RTOL * abs(a[k])
                                       for a, b in zip(eager['losses'], compiled['losses']) for k in a),
+              'inductor_cache': 'warm (user cache)' if args.warm_cache else 'cold (fresh cache dir)',
               'compile_overhead_s': compile_s, 'steady_step_s': steady}
     out = REPO / 'bench' / 'results'
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +122,7 @@ def main() -> None:
         'Versions: ' + ', '.join(f'{k} {v}' for k, v in versions.items()), '',
         f'Max loss difference over {args.batches} batches: absolute {abs_d:.3g}, relative {rel_d:.3g} '
         f'(tolerance: rtol {RTOL:g}, atol {ATOL:g}; within: {result["within_tolerance"]}).', '',
-        f'Compile overhead (compiled minus eager wall time of the first {w} batches): {compile_s:.1f} s. '
+        f'Compile overhead (compiled minus eager wall time of the first {w} batches, {result["inductor_cache"]} inductor cache): {compile_s:.1f} s. '
         f'Steady-state step (median of batches {w + 1}-{args.batches}): eager {steady["eager"]:.3f} s, compiled '
         f'{steady["compiled"]:.3f} s ({steady["eager"] / steady["compiled"]:.2f}x).', '',
         '| batch | ' + ' | '.join(f'{n} eager | {n} compiled' for n in names) + ' | s eager | s compiled |',
