@@ -3,7 +3,8 @@
 The fast tests check that the option reaches the blocks (and nothing else), that the blocks keep their class and
 state-dict keys (FSDP's per-block wrap and checkpoints see the same modules), and that bad values and incompatible
 settings are refused naming the key. The numerics check (compiled vs eager losses) takes minutes of inductor
-compilation on a CPU (373 s on this project's 2-core machine, bench/results/compile_check.md), so it is ``slow``.
+compilation on a CPU with a cold inductor cache (200-373 s on this project's 2-core machine,
+bench/results/compile_check.md; 36 s warm), so it is ``slow``.
 """
 
 from __future__ import annotations
