@@ -17,10 +17,13 @@ fp32, no grad scaling):
 
 No other algorithm of this project matches any other event, and the bare loop runs no callbacks or loggers: the time
 they cost is the overhead measured. The script asserts ``torch.equal`` on every trained tensor (generator, fake score,
-discriminator heads, ``batches_seen``) of the two runs, then writes the per-batch time ratio (Composer / bare, after
-a warm-up). With ``--ablate``, it also times the Composer run with each callback or logger switched off in turn.
+discriminator heads, ``batches_seen``) of every run, then writes the per-batch time ratio (Composer / bare, after
+a warm-up, pooled over ``--repeats`` pairs run in ABBA order) and, measured within each run (so immune to a shared
+machine's load drifting between runs), the time spent outside ``optimizer.step``: data loading in both, plus
+Composer's events, callbacks and loggers. With ``--ablate``, it also times the Composer run with each callback or
+logger switched off in turn.
 
-    python bench/overhead.py [--batches 30] [--warmup 5] [--threads 1] [--ablate]
+    python bench/overhead.py [--batches 30] [--warmup 5] [--repeats 2] [--threads 1] [--ablate]
 
 Writes ``bench/results/overhead.md`` and ``bench/results/overhead.json``.
 """
@@ -52,7 +55,6 @@ SHAPES_OVERRIDES = ('callbacks.shapes_report=null', 'callbacks.export_pipeline=n
 ABLATIONS = {
     'no speed_monitor': ('callbacks.speed_monitor=null',),
     'no progress_bar': ('trainer.progress_bar=false',),
-    'no speed_monitor, no progress_bar': ('callbacks.speed_monitor=null', 'trainer.progress_bar=false'),
 }
 
 
@@ -86,8 +88,27 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
     assert not differ, f'{len(differ)} of {len(a)} tensors differ, e.g. {differ[:5]}'
 
 
-def composer_run(cfg: dict[str, Any], num_batches: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """``trainer.fit()`` for ``num_batches``. Returns ``perf_counter()`` at each ``BATCH_END`` and the trained state."""
+class StepClock:
+    """Wraps an optimizer instance's ``step`` to add up the seconds spent inside it (the model's work: all phases'
+    forward, loss, algorithms, backward and update) per batch; the bits are unchanged."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.seconds: list[float] = []
+        step = optimizer.step
+
+        def timed_step(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return step(*args, **kwargs)
+            finally:
+                self.seconds.append(time.perf_counter() - start)
+
+        optimizer.step = timed_step
+
+
+def composer_run(cfg: dict[str, Any], num_batches: int) -> tuple[list[float], dict[str, torch.Tensor], list[float]]:
+    """``trainer.fit()`` for ``num_batches``. Returns ``perf_counter()`` at each ``BATCH_END``, the trained state and
+    the seconds inside ``optimizer.step`` per batch."""
     from composer.core import Callback
 
     class BatchEndClock(Callback):
@@ -101,12 +122,13 @@ def composer_run(cfg: dict[str, Any], num_batches: int) -> tuple[list[float], di
     trainer = build(cfg, num_batches)
     clock = BatchEndClock()
     trainer.state.callbacks.append(clock)  # last: its mark follows every other BATCH_END callback
+    steps = StepClock(trainer.state.optimizers[0])
     trainer.fit()
     state = trained_state(trainer.state.model)
     trainer.close()
     del trainer
     gc.collect()
-    return clock.marks, state
+    return clock.marks, state, steps.seconds
 
 
 class _NoLogger:
@@ -117,11 +139,12 @@ class _NoLogger:
 
 
 def bare_run(cfg: dict[str, Any], num_batches: int
-             ) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+             ) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor], list[float]]:
     """The same batches without ``Trainer.fit``: a plain loop over the model, optimizer and algorithms (the trainer is
     built only so that set-up, ``Event.INIT`` and seeding are identical; the loop never calls into it).
 
-    Returns ``perf_counter()`` at the end of each batch, the trained state and the state before the first batch.
+    Returns ``perf_counter()`` at the end of each batch, the trained state, the state before the first batch and the
+    seconds inside ``optimizer.step`` per batch.
     """
     from composer.core import Event
 
@@ -156,6 +179,7 @@ def bare_run(cfg: dict[str, Any], num_batches: int
         return loss.item()
 
     initial = trained_state(model)
+    steps = StepClock(optimizer)
     marks = []
     model.train()
     batches = iter(dataloader)
@@ -163,7 +187,7 @@ def bare_run(cfg: dict[str, Any], num_batches: int
         state.batch = next(batches)
         optimizer.step(closure)
         marks.append(time.perf_counter())
-    return marks, trained_state(model), initial
+    return marks, trained_state(model), initial, steps.seconds
 
 
 def per_batch(marks: Sequence[float], warmup: int) -> list[float]:
@@ -175,15 +199,25 @@ def summary(seconds: Sequence[float]) -> dict[str, float]:
     return {'median_s': statistics.median(seconds), 'mean_s': statistics.fmean(seconds), 'n': len(seconds)}
 
 
+def timed(marks: Sequence[float], steps: Sequence[float], warmup: int) -> dict[str, list[float]]:
+    """Per timed batch: ``batch`` seconds (end-of-batch to end-of-batch), ``step`` seconds inside
+    ``optimizer.step`` and ``outside`` = batch - step (data loading and, under Composer, its events and logging)."""
+    batch = per_batch(marks, warmup)
+    step = list(steps[warmup:len(marks)])
+    return {'batch': batch, 'step': step, 'outside': [b - t for b, t in zip(batch, step)]}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--yaml', default='yamls/shapes.yaml')
     parser.add_argument('--batches', type=int, default=30, help='timed batches per run (after the warm-up)')
     parser.add_argument('--warmup', type=int, default=5, help='batches before timing (>= 1)')
+    parser.add_argument('--repeats', type=int, default=2,
+                        help='Composer/bare run pairs, in ABBA order so that a drifting machine load cancels')
     parser.add_argument('--threads', type=int, default=1, help='torch intra-op threads (0: torch default)')
     parser.add_argument('--ablate', action='store_true', help='also time Composer with each callback/logger off')
     parser.add_argument('--out', default=str(REPO / 'bench' / 'results' / 'overhead'))
-    parser.add_argument('overrides', nargs='*', help='extra dotted.key=value overrides (both runs)')
+    parser.add_argument('overrides', nargs='*', help='extra dotted.key=value overrides (all runs)')
     args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error('--warmup must be >= 1 (the first batch has no start mark)')
@@ -193,33 +227,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_run_config(args.yaml, overrides)
     total = args.warmup + args.batches
 
-    composer_marks, composer_state = composer_run(cfg, total)
-    bare_marks, bare_state, _ = bare_run(cfg, total)
-    assert_identical(composer_state, bare_state)
-    composer_s, bare_s = per_batch(composer_marks, args.warmup), per_batch(bare_marks, args.warmup)
+    # The process's first run is slower throughout (lazy initialisation, allocator growth): an untimed one first.
+    bare_run(cfg, args.warmup)
+    runs: dict[str, list[dict[str, list[float]]]] = {'composer': [], 'bare': []}
+    reference = None
+    for r in range(args.repeats):
+        for kind in (('composer', 'bare') if r % 2 == 0 else ('bare', 'composer')):
+            if kind == 'composer':
+                marks, state, steps = composer_run(cfg, total)
+            else:
+                marks, state, _, steps = bare_run(cfg, total)
+            reference = state if reference is None else reference
+            assert_identical(reference, state)  # every run, either way, ends with the same bits
+            runs[kind].append(timed(marks, steps, args.warmup))
     result: dict[str, Any] = {
         'command': 'python bench/overhead.py ' + shlex.join(argv if argv is not None else sys.argv[1:]),
         'yaml': args.yaml,
         'overrides': overrides,
         'batches_timed': args.batches,
         'warmup': args.warmup,
+        'repeats': args.repeats,
         'gen_every': cfg['model'].get('gen_every', 5),
         'threads': torch.get_num_threads(),
         'versions': _versions(),
         'identical_weights': True,
-        'trained_tensors': len(bare_state),
-        'composer': summary(composer_s),
-        'bare': summary(bare_s),
+        'trained_tensors': len(reference),
     }
-    result['ratio_median'] = result['composer']['median_s'] / result['bare']['median_s']
-    result['ratio_mean'] = result['composer']['mean_s'] / result['bare']['mean_s']
+    for kind, kind_runs in runs.items():
+        result[kind] = {part: summary([x for run in kind_runs for x in run[part]]) for part in ('batch', 'step',
+                                                                                             'outside')}
+        result[kind]['per_repeat_median_s'] = [statistics.median(run['batch']) for run in kind_runs]
+        result[kind]['seconds'] = [run['batch'] for run in kind_runs]
+    c, b = result['composer'], result['bare']
+    result['ratio_median'] = c['batch']['median_s'] / b['batch']['median_s']
+    result['ratio_mean'] = c['batch']['mean_s'] / b['batch']['mean_s']
+    result['ratio_per_repeat'] = [x / y for x, y in zip(c['per_repeat_median_s'], b['per_repeat_median_s'])]
+    # Drift-proof estimate: the extra time outside the model's work, measured within each run.
+    result['outside_overhead'] = (c['outside']['median_s'] - b['outside']['median_s']) / b['batch']['median_s']
     if args.ablate:
         result['ablations'] = {}
         for name, extra in ABLATIONS.items():
-            marks, _ = composer_run(load_run_config(args.yaml, [*overrides, *extra]), total)
-            s = summary(per_batch(marks, args.warmup))
-            s['ratio_median'] = s['median_s'] / result['bare']['median_s']
-            s['ratio_mean'] = s['mean_s'] / result['bare']['mean_s']
+            marks, _, steps = composer_run(load_run_config(args.yaml, [*overrides, *extra]), total)
+            t = timed(marks, steps, args.warmup)
+            s = {part: summary(t[part]) for part in ('batch', 'step', 'outside')}
+            # What switching it off saves per batch, as a share of the bare loop's batch time.
+            s['share'] = (c['outside']['median_s'] - s['outside']['median_s']) / b['batch']['median_s']
             result['ablations'][name] = s
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -243,26 +295,39 @@ def _markdown(r: dict[str, Any]) -> str:
         '',
         f'Command: `{r["command"]}`',
         '',
-        f'Config: `{r["yaml"]}` with `{" ".join(r["overrides"])}`; {r["warmup"]} warm-up batches, then '
-        f'{r["batches_timed"]} timed (generator phase every {r["gen_every"]}); torch intra-op threads: '
-        f'{r["threads"]}. Versions: ' + ', '.join(f'{k} {v}' for k, v in r['versions'].items()) + '.',
+        f'Config: `{r["yaml"]}` with `{" ".join(r["overrides"])}`; per run {r["warmup"]} warm-up batches, then '
+        f'{r["batches_timed"]} timed (generator phase every {r["gen_every"]}); {r["repeats"]} Composer/bare pairs '
+        f'in ABBA order after an untimed warm-up run; torch intra-op threads: {r["threads"]}. Versions: '
+        + ', '.join(f'{k} {v}' for k, v in r['versions'].items()) + '.',
         '',
-        f'Both runs end with bit-identical weights (`torch.equal` on all {r["trained_tensors"]} trained tensors: '
+        f'Every run ends with bit-identical weights (`torch.equal` on all {r["trained_tensors"]} trained tensors: '
         'generator, fake score, discriminator heads, `batches_seen`).',
         '',
-        '| run | median s/batch | mean s/batch |',
-        '|---|---|---|',
-        f'| Composer `Trainer.fit` | {c["median_s"]:.4f} | {c["mean_s"]:.4f} |',
-        f'| bare loop | {b["median_s"]:.4f} | {b["mean_s"]:.4f} |',
-        f'| **ratio Composer / bare** | **{r["ratio_median"]:.3f}** | **{r["ratio_mean"]:.3f}** |',
+        '"step" is the time inside `PhasedAdamW.step(closure)` (all phases: forward, loss, algorithms, backward, '
+        'update); "outside" is the rest of the batch (data loading; under Composer also its events, callbacks and '
+        'loggers). Seconds per batch, pooled over the repeats:',
+        '',
+        '| run | median batch | mean batch | median step | median outside |',
+        '|---|---|---|---|---|',
+        f'| Composer `Trainer.fit` | {c["batch"]["median_s"]:.4f} | {c["batch"]["mean_s"]:.4f} | '
+        f'{c["step"]["median_s"]:.4f} | {c["outside"]["median_s"]:.4f} |',
+        f'| bare loop | {b["batch"]["median_s"]:.4f} | {b["batch"]["mean_s"]:.4f} | {b["step"]["median_s"]:.4f} | '
+        f'{b["outside"]["median_s"]:.4f} |',
+        '',
+        f'**Ratio Composer / bare: {r["ratio_median"]:.3f} (medians), {r["ratio_mean"]:.3f} (means)**; per repeat '
+        '(medians): ' + ', '.join(f'{x:.3f}' for x in r['ratio_per_repeat']) + '.',
+        '',
+        f'Composer\'s extra time outside the step (median outside, Composer - bare, over the bare median batch), '
+        f'measured within each run and so immune to the machine\'s load drifting between runs: '
+        f'**{100 * r["outside_overhead"]:.2f}%**.',
     ]
     if r.get('ablations'):
-        lines += ['', 'Composer run with callbacks/loggers switched off (ratio against the same bare run):', '',
-                  '| Composer variant | median s/batch | mean s/batch | ratio (median) | ratio (mean) |',
-                  '|---|---|---|---|---|']
+        lines += ['', 'Composer runs with one callback/logger switched off (one run each); "share" is what switching '
+                  'it off saves outside the step, over the bare median batch:', '',
+                  '| Composer variant | median batch | median outside | share |', '|---|---|---|---|']
         for name, s in r['ablations'].items():
-            lines.append(f'| {name} | {s["median_s"]:.4f} | {s["mean_s"]:.4f} | {s["ratio_median"]:.3f} | '
-                         f'{s["ratio_mean"]:.3f} |')
+            lines.append(f'| {name} | {s["batch"]["median_s"]:.4f} | {s["outside"]["median_s"]:.4f} | '
+                         f'{100 * s["share"]:.2f}% |')
     return '\n'.join(lines) + '\n'
 
 
