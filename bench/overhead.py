@@ -21,7 +21,8 @@ discriminator heads, ``batches_seen``) of every run, then writes the per-batch t
 a warm-up, pooled over ``--repeats`` pairs run in ABBA order) and, measured within each run (so immune to a shared
 machine's load drifting between runs), the time spent outside ``optimizer.step``: data loading in both, plus
 Composer's events, callbacks and loggers. With ``--ablate``, it also times the Composer run with each callback or
-logger switched off in turn.
+logger switched off in turn. Since other jobs on a shared CPU only add time, it also compares a TTUR cycle built
+from each run's fastest batches (minimum and 10th percentile per batch kind), the least disturbed estimate.
 
     python bench/overhead.py [--batches 30] [--warmup 5] [--repeats 2] [--threads 1] [--ablate]
 
@@ -196,6 +197,7 @@ def per_batch(marks: Sequence[float], warmup: int) -> list[float]:
 
 
 def summary(seconds: Sequence[float]) -> dict[str, float]:
+    """Median, mean and count of per-batch seconds."""
     return {'median_s': statistics.median(seconds), 'mean_s': statistics.fmean(seconds), 'n': len(seconds)}
 
 
