@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from senseflow_algos.models.factory import COMPILED_NETWORKS, build_dmd_model
+from senseflow_algos.models.blocks import TRANSFORMER_NETWORKS
+from senseflow_algos.models.factory import build_dmd_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
 
@@ -29,7 +30,7 @@ def models():
 
 
 def test_option_reaches_every_block_and_only_blocks(models):
-    for name in COMPILED_NETWORKS:
+    for name in TRANSFORMER_NETWORKS:
         eager, compiled = getattr(models[False], name), getattr(models[True], name)
         assert _blocks(compiled) and all(b._compiled_call_impl is not None for b in _blocks(compiled)), name
         assert all(b._compiled_call_impl is None for b in _blocks(eager)), name
@@ -45,7 +46,7 @@ def test_fsdp_wrap_hooks_still_match_compiled_blocks(models):
     from senseflow_algos.models.fsdp import prepare_for_fsdp
 
     model = prepare_for_fsdp(models[True], torch.device('cpu'))
-    for name in COMPILED_NETWORKS:
+    for name in TRANSFORMER_NETWORKS:
         net = getattr(model, name)
         assert all(net.fsdp_wrap_fn(b) for b in _blocks(net)), name
         if name != 'teacher':

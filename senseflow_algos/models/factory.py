@@ -7,11 +7,13 @@ from typing import Any, Optional
 import torch
 
 from senseflow_algos.dtypes import DTYPES
+from senseflow_algos.models.blocks import TRANSFORMER_NETWORKS, transformer_blocks
 from senseflow_algos.models.dmd import DMDModel
 from senseflow_algos.models.families import get_family
 from senseflow_algos.models.lora import apply_lora
 
-__all__ = ['COMPILED_NETWORKS', 'build_dmd_model', 'build_encoders', 'compile_transformer_blocks', 'DTYPES']
+__all__ = ['build_dmd_model', 'build_encoders', 'compile_transformer_blocks', 'DTYPES']
+
 
 def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = None, tiny: bool = False,
                     revision: Optional[str] = None, dtype: str = 'fp32', teacher_dtype: Optional[str] = None,
@@ -73,10 +75,6 @@ def build_dmd_model(family: str, resolution: int, pretrained: Optional[str] = No
     return model
 
 
-#: The networks whose transformer blocks ``model.compile_blocks`` compiles.
-COMPILED_NETWORKS = ('generator', 'fake_score', 'teacher')
-
-
 def compile_transformer_blocks(model: DMDModel, **compile_kwargs: Any) -> int:
     """Compile each ``transformer_blocks`` / ``single_transformer_blocks`` entry of generator, fake score and teacher.
 
@@ -94,12 +92,10 @@ def compile_transformer_blocks(model: DMDModel, **compile_kwargs: Any) -> int:
         The number of blocks compiled.
     """
     count = 0
-    for name in COMPILED_NETWORKS:
-        net = getattr(model, name)
-        for attr in ('transformer_blocks', 'single_transformer_blocks'):
-            for block in getattr(net, attr, []):
-                block.compile(**compile_kwargs)
-                count += 1
+    for name in TRANSFORMER_NETWORKS:
+        for block in transformer_blocks(getattr(model, name)):
+            block.compile(**compile_kwargs)
+            count += 1
     if not count:
         raise TypeError(f'model.compile_blocks: {type(model.generator).__name__} has no transformer_blocks to compile')
     return count

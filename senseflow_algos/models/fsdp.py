@@ -26,6 +26,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 
+from senseflow_algos.models.blocks import TRANSFORMER_NETWORKS, transformer_blocks
 from senseflow_algos.models.dmd import DMDModel
 
 __all__ = [
@@ -36,12 +37,12 @@ __all__ = [
 #: Environment variable: ``0`` turns the lean start off (every rank loads every network), for benchmarks.
 LEAN_START_ENV = 'SENSEFLOW_LEAN_START'
 #: The networks a lean start builds on the meta device on every rank but global rank 0.
-LEAN_NETWORKS = ('generator', 'fake_score', 'teacher')
+LEAN_NETWORKS = TRANSFORMER_NETWORKS
 
 
 def transformer_block_types(net: nn.Module) -> tuple[type, ...]:
     """The repeated transformer block classes of a diffusers FLUX or SD3 transformer."""
-    types = {type(m) for attr in ('transformer_blocks', 'single_transformer_blocks') for m in getattr(net, attr, [])}
+    types = {type(m) for m in transformer_blocks(net)}
     if not types:
         raise TypeError(f'{type(net).__name__} has no transformer_blocks to wrap per block')
     return tuple(types)

@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from senseflow_algos.models.blocks import transformer_blocks
 from senseflow_algos.plan.metarun import PassCost, measure_pass
 from senseflow_algos.plan.networks import MetaModel
 from senseflow_algos.plan.settings import RunSettings
@@ -61,10 +62,6 @@ def _conditioning(meta: MetaModel, settings: RunSettings, b: int) -> dict[str, t
         cond['negative_prompt_embeds'] = torch.empty_like(cond['prompt_embeds'])
         cond['negative_pooled_prompt_embeds'] = torch.empty_like(cond['pooled_prompt_embeds'])
     return cond
-
-
-def _blocks(net: nn.Module) -> list[nn.Module]:
-    return [m for attr in ('transformer_blocks', 'single_transformer_blocks') for m in getattr(net, attr, [])]
 
 
 def _decoder_units(vae: nn.Module) -> list[nn.Module]:
@@ -118,7 +115,7 @@ def measure_passes(meta: MetaModel, settings: RunSettings, batch: int) -> PassCo
 
     costs = PassCosts(
         batch=b,
-        generator=measure_pass(generator_step, True, exclude, _blocks(model.generator)),
+        generator=measure_pass(generator_step, True, exclude, transformer_blocks(model.generator)),
         teacher=measure_pass(lambda: family.velocity(model.teacher, latents(), sigma, cond,
                                                      torch.empty(b, device='meta')), False, exclude))
     side = settings.resolution
