@@ -317,10 +317,11 @@ def check_before_load(trainer_cfg: dict[str, Any], run_name: Optional[str], rank
             kind = check_checkpoint(load_path)
         except CheckpointError as e:
             raise CheckpointError(f'trainer.load_path: {e}') from None
-        if kind == 'sharded' and _legacy_sharded_keys(Path(load_path)):
+        legacy = _legacy_keys(_read_metadata(Path(load_path)), _renamer(_default_renames())) if kind == 'sharded' else []
+        if legacy:
             raise CheckpointError(
                 f'trainer.load_path: the sharded checkpoint {load_path} was written before model keys were renamed '
-                f'({", ".join(_legacy_sharded_keys(Path(load_path)))}); migrate it once with: python -c "from '
+                f'({", ".join(legacy)}); migrate it once with: python -c "from '
                 f"senseflow_algos.checkpointing import migrate_sharded_checkpoint as m; m('{load_path}')\"")
 
 
@@ -350,17 +351,13 @@ def migrate_sharded_checkpoint(path: str | Path, renames: Optional[dict[str, str
     Raises:
         CheckpointError: If ``path`` is not a sharded checkpoint.
     """
-    if renames is None:
-        from senseflow_algos.models.dmd import LEGACY_KEYS
-
-        renames = LEGACY_KEYS
+    renames = _default_renames() if renames is None else renames
     path = Path(path)
     if checkpoint_kind(path) != 'sharded':
         raise CheckpointError(f'{path} is not a sharded checkpoint folder; unsharded checkpoints load without migration')
-    with open(path / SHARDED_METADATA, 'rb') as f:
-        metadata = pickle.load(f)
+    metadata = _read_metadata(path)
     renamed = _renamer(renames)
-    old = [fqn for fqn in metadata.state_dict_metadata if renamed(fqn) != fqn]
+    old = _legacy_keys(metadata, renamed)
     if not old:
         return []
     metadata.state_dict_metadata = {renamed(k): v for k, v in metadata.state_dict_metadata.items()}
@@ -386,11 +383,18 @@ def _renamer(renames: dict[str, str]) -> Callable[[str], str]:
     return renamed
 
 
-def _legacy_sharded_keys(path: Path) -> list[str]:
-    """Keys of the sharded checkpoint ``path`` that :func:`migrate_sharded_checkpoint` would rename."""
-    from senseflow_algos.models.dmd import LEGACY_KEYS
+def _default_renames() -> dict[str, str]:
+    from senseflow_algos.models.dmd import LEGACY_KEYS  # lazily: checking a checkpoint imports no model code
 
+    return LEGACY_KEYS
+
+
+def _read_metadata(path: Path) -> Any:
+    """The ``.metadata`` of the sharded checkpoint folder ``path``."""
     with open(path / SHARDED_METADATA, 'rb') as f:
-        metadata = pickle.load(f)
-    renamed = _renamer(LEGACY_KEYS)
+        return pickle.load(f)
+
+
+def _legacy_keys(metadata: Any, renamed: Callable[[str], str]) -> list[str]:
+    """The flattened keys of a sharded checkpoint's ``metadata`` that ``renamed`` changes."""
     return [fqn for fqn in metadata.state_dict_metadata if renamed(fqn) != fqn]
