@@ -25,8 +25,8 @@ calls ``load_state_dict`` on resume, so a resumed run sees exactly the batches t
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import inspect
 import io
 import json
 import logging
@@ -300,12 +300,18 @@ def build_streaming_dataloader(kind: str, batch_size: int, resolution: int, seed
                                shuffle_seed: Optional[int] = None, num_workers: int = 0, bad_samples: str = 'error',
                                load_images: bool = True, caption_column: str = 'caption',
                                image_column: str = 'image', streaming_kwargs: Optional[dict[str, Any]] = None,
-                               dataloader_kwargs: Optional[dict[str, Any]] = None) -> DataLoader:
+                               dataloader_kwargs: Optional[dict[str, Any]] = None,
+                               num_samples: Optional[int] = None) -> DataLoader:
     """A ``DataLoader`` over a :class:`SenseflowStreamingDataset` with the per-device ``batch_size``.
 
     Composer finds the dataset's ``state_dict`` / ``load_state_dict`` through ``dataloader.dataset`` and resumes
-    mid-epoch from it. ``shuffle_seed`` defaults to the run seed.
+    mid-epoch from it. ``shuffle_seed`` defaults to the run seed. ``num_samples`` (the synthetic kinds' size) must be
+    unset: a streaming kind reads the whole dataset.
     """
+    if num_samples is not None:
+        raise ValueError(f'dataset.num_samples is for the synthetic kinds; dataset.kind={kind} streams the whole '
+                         'dataset: set dataset.num_samples=null (use dataset.streaming_kwargs.epoch_size to '
+                         'resize an epoch)')
     dataset = SenseflowStreamingDataset(
         kind=kind, resolution=resolution, streams=make_streams(streams, remote, local, split), batch_size=batch_size,
         bad_samples=bad_samples, load_images=load_images, caption_column=caption_column, image_column=image_column,
@@ -317,26 +323,6 @@ def build_streaming_dataloader(kind: str, batch_size: int, resolution: int, seed
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=True, **kwargs)
 
 
-def _register_kind(kind: str) -> None:
-    """Register ``dataset.kind: <kind>``: the other ``dataset:`` keys are :func:`build_streaming_dataloader`'s."""
-
-    def build(batch_size: int, resolution: int, seed: int = 0, num_samples: Optional[int] = None,
-              **kwargs: Any) -> DataLoader:
-        if num_samples is not None:
-            raise ValueError(f'dataset.num_samples is for the synthetic kinds; dataset.kind={kind} streams the whole '
-                             'dataset: set dataset.num_samples=null (use dataset.streaming_kwargs.epoch_size to '
-                             'resize an epoch)')
-        return build_streaming_dataloader(kind, batch_size=batch_size, resolution=resolution, seed=seed, **kwargs)
-
-    build.__name__ = build.__qualname__ = f'build_{kind}_dataloader'
-    # What inspect.signature shows (config checks read it): build_streaming_dataloader's keywords, less ``kind``.
-    streaming = inspect.signature(build_streaming_dataloader).parameters
-    build.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [p for name, p in streaming.items() if name != 'kind'] +
-        [inspect.Parameter('num_samples', inspect.Parameter.KEYWORD_ONLY, default=None)],
-        return_annotation=DataLoader)
-    DATASETS.register(kind, build)
-
-
+# ``dataset.kind: <kind>`` for each streaming kind: the other ``dataset:`` keys are build_streaming_dataloader's.
 for _kind in KINDS:
-    _register_kind(_kind)
+    DATASETS.register(_kind, functools.partial(build_streaming_dataloader, _kind))
