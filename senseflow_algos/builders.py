@@ -39,7 +39,8 @@ from senseflow_algos.registry import ALGORITHMS, CALLBACKS, DATASETS, Registry
 
 __all__ = [
     'build_model', 'build_dataloader', 'build_optimizer', 'build_scheduler', 'build_algorithms', 'build_callbacks',
-    'build_loggers', 'build_trainer', 'check_compile_blocks', 'save_run_config', 'ALGORITHMS', 'CALLBACKS', 'DATASETS', 'SCHEDULERS'
+    'build_loggers', 'build_trainer', 'check_compile_blocks', 'save_run_config', 'ALGORITHMS', 'CALLBACKS', 'DATASETS',
+    'SCHEDULERS'
 ]
 
 #: ``scheduler.name`` -> Composer scheduler class.
