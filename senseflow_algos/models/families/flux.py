@@ -96,8 +96,9 @@ class FluxFamily(ModelFamily):
     Args:
         base_seq_len, max_seq_len, base_shift, max_shift: FLUX's scheduler shift parameters (default
             :data:`~senseflow_algos.flow.FLUX_SHIFT`, FLUX.1-dev's: 256, 4096, 0.5, 1.15). At 1024x1024 they give
-            anchors {1, .9045, .7595, .5128}, the sigmas FluxPipeline's default 4 steps use; their indices on the 0..1000 grid are the reference's hard-coded
-            ``[1000, 904, 759, 512]`` (its constants are the shifted values truncated to the grid).
+            anchors {1, .9045, .7595, .5128}, the sigmas FluxPipeline's default 4 steps use; their indices on the
+            0..1000 grid are the reference's hard-coded ``[1000, 904, 759, 512]`` (its constants are the shifted values
+            truncated to the grid).
         max_sequence_length (int): T5 prompt tokens. Default: ``512``.
         adversarial_weighting (str): Per-anchor GAN weight. Only ``signal_power``, ``(1 - sigma)^2``, as the
             reference FLUX code and the paper. Default: ``signal_power``.
