@@ -147,7 +147,7 @@ def _vfm_passes(meta: MetaModel, pixels_shape, exclude) -> tuple[PassCost, PassC
             feats = backbone(torch.empty(pixels_shape, device='meta'))
     finally:
         backbone.grad_checkpointing = was
-    text = torch.empty(b, int(model.teacher.config.pooled_projection_dim), device='meta')
+    text = torch.empty(b, model.family.pooled_text_dim(model.teacher.config), device='meta')  # as the heads are sized
 
     def heads_pass(input_grad: bool):
         from senseflow_algos.algorithms.vfm_discriminator.losses import hinge_g_loss

@@ -201,7 +201,7 @@ class VFMDiscriminator(Algorithm):
     def _attach(self, model: DMDModel, state: State) -> None:
         if hasattr(model, HEADS_ATTR):
             raise RuntimeError('the DMD model already has a discriminator; add VFMDiscriminator once')
-        text_dim = int(model.teacher.config.pooled_projection_dim)
+        text_dim = model.family.pooled_text_dim(model.teacher.config)
         # Fixed seed: the heads' initial weights do not depend on what ran before INIT.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(model.seed)
