@@ -227,8 +227,8 @@ class SDXLFamily(ModelFamily):
 
     def _continuous_index(self, sigma: torch.Tensor) -> torch.Tensor:
         """The real-valued DDPM timestep whose ``s(t)`` is ``sigma`` (piecewise linear inverse of the grid)."""
+        s = sigma.clamp(float(self.grid_sigmas[0]), float(self.grid_sigmas[-1]))  # CPU scalars: works on meta too
         grid = self.grid_sigmas.to(sigma.device)
-        s = sigma.clamp(float(grid[0]), float(grid[-1]))
         hi = torch.searchsorted(grid, s).clamp(1, self.last_index)
         lo = hi - 1
         return lo + (s - grid[lo]) / (grid[hi] - grid[lo])
@@ -274,7 +274,7 @@ class SDXLFamily(ModelFamily):
         alpha_bar = torch.where(snap, ab_grid, flow.ddpm_alpha_bar(s))
         scale = torch.where(snap, ab_grid.sqrt() + (1 - ab_grid).sqrt(), flow.ddpm_scale(s))
         top = float(self.grid_sigmas[-1])
-        c_top = float(table[-1].sqrt() + (1 - table[-1]).sqrt())
+        c_top = float(flow.ddpm_scale(top))
         above = s >= top
         frac = ((s - top) / (1 - top)).clamp(0, 1)
         return (torch.where(above, torch.full_like(t, self.last_index), t),
