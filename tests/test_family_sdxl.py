@@ -396,3 +396,15 @@ def test_planner_architecture_is_sdxl_base():
     cond = family.planner_conditioning(comps.teacher.config, lengths, 2, torch.bfloat16)
     assert cond['prompt_embeds'].shape == (2, 77, 2048) and cond['pooled_prompt_embeds'].shape == (2, 1280)
     assert len(transformer_blocks(comps.teacher)) == 3 + 1 + 3
+
+
+@pytest.mark.slow
+def test_sdxl_8gpu_run_file_plans_and_fits_80gb():
+    """The planner runs the project's passes on the SDXL base architecture (UNet blocks as FSDP units, CFG teacher,
+    VFM heads on CLIP-G's pooled width) for the 8-GPU run file's config, and it fits an 80 GB GPU."""
+    from senseflow_algos.config import load_config
+    from senseflow_algos.plan.planner import Hardware, plan_run
+
+    cfg = load_config(REPO / 'yamls' / 'sdxl.yaml', ['dataset.remote=/nonexistent'])
+    plan = plan_run(cfg, Hardware(gpus=8))
+    assert plan.fits, plan.problems

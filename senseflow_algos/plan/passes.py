@@ -147,7 +147,11 @@ def _vfm_passes(meta: MetaModel, pixels_shape, exclude) -> tuple[PassCost, PassC
             feats = backbone(torch.empty(pixels_shape, device='meta'))
     finally:
         backbone.grad_checkpointing = was
-    text = torch.empty(b, int(model.teacher.config.pooled_projection_dim), device='meta')
+    # The pooled text width from the family's conditioning shapes (SDXL's UNet has no pooled_projection_dim).
+    family = model.family
+    pooled = family.planner_conditioning(model.teacher.config, family.planner_text_lengths(family.max_sequence_length),
+                                         b, torch.float32)['pooled_prompt_embeds']
+    text = torch.empty(b, int(pooled.shape[-1]), device='meta')
 
     def heads_pass(input_grad: bool):
         from senseflow_algos.algorithms.vfm_discriminator.losses import hinge_g_loss
