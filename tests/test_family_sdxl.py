@@ -331,6 +331,41 @@ def _ddim_first_step_images(model) -> torch.Tensor:
     return latents_to_images(family, model.vae, latents)
 
 
+def test_lora_student_exports_fused_and_as_a_lora_of_the_teachers_pipeline(tmp_path):
+    """A ``model.lora`` SDXL student: the fused pipeline and the teacher's StableDiffusionXLPipeline with the exported
+    LoRA loaded (``load_lora_weights`` on its UNet) both give the in-repo sampler's images."""
+    pytest.importorskip('peft')
+    import diffusers
+
+    from senseflow_algos.builders import build_trainer
+    from senseflow_algos.config import load_config, validate_config
+    from senseflow_algos.export import export_pipeline, pipeline_call_kwargs
+    from senseflow_algos.export_lora import load_lora_pipeline
+    from senseflow_algos.sampling import sample, seeded_default_rng
+
+    cfg = load_config(REPO / 'yamls' / 'tiny_sdxl.yaml', [
+        'trainer.progress_bar=false', 'trainer.max_duration=2ba', 'algorithms.vfm_discriminator=null',
+        f'trainer.save_folder={tmp_path / "run"}', 'trainer.save_interval=2ba', 'model.gen_every=1',
+        'model.lora.rank=4', 'model.lora.alpha=8', 'optimizer.lr=1e-2'])
+    validate_config(cfg)
+    trainer = build_trainer(cfg)
+    trainer.fit()
+    trainer.close()
+    model = trainer.state.model.eval()
+    out = export_pipeline(model, tmp_path / 'export')
+    ours = sample(model, PROMPTS, rng=seeded_default_rng(0)).images
+    scheduler = diffusers.EulerDiscreteScheduler.from_config(model.scheduler_config)
+    model.family.build_pipeline(model.teacher, model.vae, model.conditioner, scheduler).save_pretrained(
+        tmp_path / 'teacher')
+    for pipe in (load_lora_pipeline(tmp_path / 'teacher', out), diffusers.DiffusionPipeline.from_pretrained(str(out))):
+        pipe.set_progress_bar_config(disable=True)
+        theirs = pipe(PROMPTS, generator=seeded_default_rng(0), output_type='pt', **pipeline_call_kwargs(out)).images
+        diff = (ours - theirs).abs().max().item()
+        print(f'sdxl lora ({type(pipe.unet).__name__} {"peft" if hasattr(pipe.unet, "peft_config") else "fused"}): '
+              f'max |pipeline - in-repo| = {diff:.3g}')
+        assert diff <= 1e-5
+
+
 def test_export_refuses_what_it_cannot_reproduce():
     from senseflow_algos.models.families import ExportError
 
