@@ -293,6 +293,7 @@ def test_export_reproduces_the_in_repo_sampler(runs, tmp_path, method):
                             progress=False)
     info = json.loads((out / EXPORT_INFO).read_text())
     assert info['family'] == 'sdxl' and info['pipeline_class'] == 'StableDiffusionXLPipeline'
+    assert info['load_kwargs'] == {'add_watermarker': False}
     model = restore_student(folder, yaml, overrides)
     ours = sample(model, PROMPTS, rng=seeded_default_rng(0), method=method).images
     pipe, theirs = _pipe_images(out)

@@ -372,7 +372,9 @@ class SDXLFamily(ModelFamily):
         if (table - self.alphas_cumprod).abs().max() > 1e-7:
             raise ExportError('the exported scheduler\'s alphas_cumprod differ from the family\'s DDPM schedule')
         fresh = type(scheduler).from_config(scheduler.config)  # set_timesteps above changed its state
-        return SchedulerExport(fresh, call, {'timesteps': indices})
+        # StableDiffusionXLPipeline does not save add_watermarker: loaded where invisible-watermark is installed it
+        # would watermark (change) the images unless told not to.
+        return SchedulerExport(fresh, call, {'timesteps': indices, 'load_kwargs': {'add_watermarker': False}})
 
     def pipeline_call_kwargs(self, resolution, conditioner):
         # guidance_scale <= 1: StableDiffusionXLPipeline runs no CFG; original and target size = the resolution, as
