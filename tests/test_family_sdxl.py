@@ -206,6 +206,27 @@ def test_pure_noise_velocity_gives_the_pipelines_x0_at_t999(tiny):
     torch.testing.assert_close(flow.x0_from_velocity(noise, v, 1.0), x0_pipe, rtol=1e-4, atol=1e-4)
 
 
+def test_time_projection_gets_float32_timesteps_under_a_bf16_input_cast(tiny):
+    """FSDP mixed precision casts the UNet's floating inputs to bf16 (t = 999 -> 1000); the family hands the time
+    projection its float32 timesteps back. Simulated with a root pre-hook doing that cast."""
+    pipe, family, conditioner = tiny
+    unet, seen = pipe.unet, []
+
+    def cast(module, args, kwargs):  # the timestep (second positional argument) as FSDP's bf16 cast leaves it
+        return (args[0], args[1].bfloat16(), *args[2:]), kwargs
+
+    handles = [unet.register_forward_pre_hook(cast, with_kwargs=True),
+               unet.time_proj.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))]
+    try:
+        sigma = family.index_to_sigma(torch.tensor([999, 749])).float()
+        family.velocity(unet, torch.randn(2, 4, 16, 16), sigma, conditioner(PROMPTS[:2]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.tensor(999.0).bfloat16().item() == 1000.0  # what the hook undoes
+    assert seen[0].dtype == torch.float32 and seen[0].tolist() == [999.0, 749.0]
+
+
 def test_conditioner_is_encode_prompt_and_blocks_are_the_unet_blocks(tiny):
     pipe, family, conditioner = tiny
     embeds, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPTS, device='cpu', do_classifier_free_guidance=True)
