@@ -452,6 +452,7 @@ def test_planner_architecture_is_sdxl_base():
     lengths = family.planner_text_lengths(family.max_sequence_length)
     cond = family.planner_conditioning(comps.teacher.config, lengths, 2, torch.bfloat16)
     assert cond['prompt_embeds'].shape == (2, 77, 2048) and cond['pooled_prompt_embeds'].shape == (2, 1280)
+    assert family.pooled_text_dim(comps.teacher.config) == 1280  # CLIP-G's projection_dim
     assert len(transformer_blocks(comps.teacher)) == 3 + 1 + 3
 
 

@@ -147,11 +147,7 @@ def _vfm_passes(meta: MetaModel, pixels_shape, exclude) -> tuple[PassCost, PassC
             feats = backbone(torch.empty(pixels_shape, device='meta'))
     finally:
         backbone.grad_checkpointing = was
-    # The pooled text width from the family's conditioning shapes (SDXL's UNet has no pooled_projection_dim).
-    family = model.family
-    pooled = family.planner_conditioning(model.teacher.config, family.planner_text_lengths(family.max_sequence_length),
-                                         b, torch.float32)['pooled_prompt_embeds']
-    text = torch.empty(b, int(pooled.shape[-1]), device='meta')
+    text = torch.empty(b, model.family.pooled_text_dim(model.teacher.config), device='meta')  # as the heads are sized
 
     def heads_pass(input_grad: bool):
         from senseflow_algos.algorithms.vfm_discriminator.losses import hinge_g_loss

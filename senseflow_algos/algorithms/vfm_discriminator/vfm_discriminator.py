@@ -201,12 +201,7 @@ class VFMDiscriminator(Algorithm):
     def _attach(self, model: DMDModel, state: State) -> None:
         if hasattr(model, HEADS_ATTR):
             raise RuntimeError('the DMD model already has a discriminator; add VFMDiscriminator once')
-        # The pooled text embedding's width, from the family's conditioning shapes (the teacher's config names it
-        # differently per network: pooled_projection_dim, or SDXL's text-time input minus its time ids).
-        family = model.family
-        lengths = family.planner_text_lengths(family.max_sequence_length)
-        pooled = family.planner_conditioning(model.teacher.config, lengths, 1, torch.float32)['pooled_prompt_embeds']
-        text_dim = int(pooled.shape[-1])
+        text_dim = model.family.pooled_text_dim(model.teacher.config)
         # Fixed seed: the heads' initial weights do not depend on what ran before INIT.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(model.seed)

@@ -348,6 +348,11 @@ class ModelFamily(abc.ABC):
                 plainly, as for the generator and the fake score.
         """
 
+    def pooled_text_dim(self, teacher_config) -> int:
+        """Width of ``cond['pooled_prompt_embeds']``, the text condition of the VFM discriminator's heads. Default: the
+        network config's ``pooled_projection_dim`` (FLUX, SD 3.5)."""
+        return int(teacher_config.pooled_projection_dim)
+
     @abc.abstractmethod
     def latent_shape(self, vae: nn.Module, resolution: int) -> tuple[int, int, int]:
         """``(C, h, w)`` of the latents of a square image of side ``resolution``."""

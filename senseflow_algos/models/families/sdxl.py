@@ -315,6 +315,11 @@ class SDXLFamily(ModelFamily):
                                'resolution) first or set model.family_kwargs.vae_scale_factor')
         return self.vae_scale_factor
 
+    def pooled_text_dim(self, teacher_config):
+        """CLIP-G's pooled projection: the UNet's text-time input minus its 6 time ids' embeddings (2816 - 6 * 256 =
+        1280 for SDXL base)."""
+        return int(teacher_config.projection_class_embeddings_input_dim - 6 * teacher_config.addition_time_embed_dim)
+
     def latent_shape(self, vae, resolution):
         factor = 2**(len(vae.config.block_out_channels) - 1)
         if self.vae_scale_factor is None:
@@ -387,11 +392,11 @@ class SDXLFamily(ModelFamily):
         return {'text_encoder': 77, 'text_encoder_2': 77}  # both CLIPs at their context length
 
     def planner_conditioning(self, teacher_config, lengths, batch, dtype):
-        pooled = teacher_config.projection_class_embeddings_input_dim - 6 * teacher_config.addition_time_embed_dim
         tokens = max(lengths.values())
         return {'prompt_embeds': torch.empty(batch, tokens, teacher_config.cross_attention_dim, dtype=dtype,
                                              device='meta'),
-                'pooled_prompt_embeds': torch.empty(batch, pooled, dtype=dtype, device='meta')}
+                'pooled_prompt_embeds': torch.empty(batch, self.pooled_text_dim(teacher_config), dtype=dtype,
+                                                    device='meta')}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
