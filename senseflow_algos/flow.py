@@ -39,6 +39,13 @@ __all__ = [
     'dmd_gradient',
     'dmd_loss',
     'charbonnier',
+    'ddpm_alphas_cumprod',
+    'ddpm_sigma',
+    'ddpm_alpha_bar',
+    'ddpm_scale',
+    'x0_from_epsilon',
+    'velocity_from_epsilon',
+    'epsilon_from_velocity',
 ]
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -251,3 +258,86 @@ def dmd_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> 
 def charbonnier(pred: torch.Tensor, target: torch.Tensor, c: float = 1e-3) -> torch.Tensor:
     """Pseudo-Huber ``mean(sqrt((pred - target)^2 + c^2) - c)``: zero when equal, L1-like far away."""
     return (torch.sqrt((pred.float() - target.float())**2 + c * c) - c).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Epsilon (DDPM) parameterisation
+#
+# A DDPM point ``x_t = sqrt(ab) x0 + sqrt(1 - ab) eps`` (``ab`` = alpha-bar, the cumulative product of ``1 - beta``) is
+# the flow point ``x = (1 - s) x0 + s eps`` scaled by ``c = sqrt(ab) + sqrt(1 - ab)``, with
+# ``s = sqrt(1 - ab) / (sqrt(ab) + sqrt(1 - ab))``. Conversely ``ab = (1 - s)^2 / ((1 - s)^2 + s^2)`` and
+# ``c = 1 / sqrt((1 - s)^2 + s^2)``. An epsilon network queried at ``c x`` gives ``x0`` (DMD2's ``get_x0_from_noise``)
+# and so a flow velocity ``(x - x0) / s``; a flow Euler step with it is a DDIM step.
+
+
+def ddpm_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000,
+                        beta_schedule: str = 'scaled_linear') -> torch.Tensor:
+    """The alpha-bar table of a discrete DDPM schedule, computed in float32 as diffusers' schedulers do (float64 out).
+
+    Args:
+        beta_start, beta_end (float): First and last beta (SDXL: 0.00085, 0.012).
+        num_train_timesteps (int): Table length. Default: ``1000``.
+        beta_schedule (str): ``'scaled_linear'`` (betas linear in sqrt) or ``'linear'``.
+
+    Raises:
+        ValueError: For another ``beta_schedule``.
+    """
+    if beta_schedule == 'scaled_linear':
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32)**2
+    elif beta_schedule == 'linear':
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    else:
+        raise ValueError(f"beta_schedule={beta_schedule!r} is not supported; use 'scaled_linear' or 'linear'")
+    return torch.cumprod(1.0 - betas, dim=0).double()
+
+
+def ddpm_sigma(alpha_bar: torch.Tensor | float) -> torch.Tensor:
+    """The flow sigma of a DDPM noise level: ``sqrt(1 - ab) / (sqrt(ab) + sqrt(1 - ab))`` (float64)."""
+    ab = torch.as_tensor(alpha_bar, dtype=torch.float64)
+    return (1 - ab).sqrt() / (ab.sqrt() + (1 - ab).sqrt())
+
+
+def ddpm_alpha_bar(sigma: torch.Tensor | float) -> torch.Tensor:
+    """Inverse of :func:`ddpm_sigma`: ``(1 - s)^2 / ((1 - s)^2 + s^2)`` (float64; 1 at s = 0, 0 at s = 1)."""
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    return (1 - s)**2 / ((1 - s)**2 + s**2)
+
+
+def ddpm_scale(sigma: torch.Tensor | float) -> torch.Tensor:
+    """The factor ``c = sqrt(ab) + sqrt(1 - ab) = 1 / sqrt((1 - s)^2 + s^2)`` taking a flow point at ``s`` to the
+    DDPM point of the same noise level, ``x_t = c x`` (float64)."""
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    return 1 / ((1 - s)**2 + s**2).sqrt()
+
+
+def x0_from_epsilon(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
+    """``x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)`` for a DDPM point ``x_t`` (DMD2's ``get_x0_from_noise``)."""
+    ab = _per_sample(alpha_bar, x_t)
+    return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+
+def _ddpm_terms(x: torch.Tensor, sigma, alpha_bar, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    alpha_bar = ddpm_alpha_bar(sigma) if alpha_bar is None else alpha_bar
+    scale = ddpm_scale(sigma) if scale is None else scale
+    return _per_sample(alpha_bar, x), _per_sample(scale, x)
+
+
+def velocity_from_epsilon(x: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor | float,
+                          alpha_bar: Optional[torch.Tensor | float] = None,
+                          scale: Optional[torch.Tensor | float] = None) -> torch.Tensor:
+    """The flow velocity at the flow point ``x`` (noise level ``sigma``) of an epsilon prediction ``eps`` made at the
+    DDPM point ``scale * x``: ``v = (x - x0) / s`` with ``x0`` from :func:`x0_from_epsilon`.
+
+    ``alpha_bar`` and ``scale`` default to :func:`ddpm_alpha_bar` and :func:`ddpm_scale` of ``sigma`` (the exact
+    correspondence); a family passes its own where it departs from it (e.g. pure noise at sigma 1 fed unscaled).
+    """
+    ab, c = _ddpm_terms(x, sigma, alpha_bar, scale)
+    return velocity_from_x0(x, x0_from_epsilon(c * x, eps, ab), sigma)
+
+
+def epsilon_from_velocity(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor | float,
+                          alpha_bar: Optional[torch.Tensor | float] = None,
+                          scale: Optional[torch.Tensor | float] = None) -> torch.Tensor:
+    """Inverse of :func:`velocity_from_epsilon`: ``eps = (c x - sqrt(ab) x0) / sqrt(1 - ab)`` with ``x0 = x - s v``."""
+    ab, c = _ddpm_terms(x, sigma, alpha_bar, scale)
+    return (c * x - ab.sqrt() * x0_from_velocity(x, v, sigma)) / (1 - ab).sqrt()
