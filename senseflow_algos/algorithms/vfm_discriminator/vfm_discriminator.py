@@ -201,7 +201,10 @@ class VFMDiscriminator(Algorithm):
     def _attach(self, model: DMDModel, state: State) -> None:
         if hasattr(model, HEADS_ATTR):
             raise RuntimeError('the DMD model already has a discriminator; add VFMDiscriminator once')
-        text_dim = int(model.teacher.config.pooled_projection_dim)
+        # The pooled text embedding's width; a teacher without one (Qwen-Image) pools its sequence embedding, whose
+        # width is the transformer's joint_attention_dim.
+        config = model.teacher.config
+        text_dim = int(getattr(config, 'pooled_projection_dim', None) or config.joint_attention_dim)
         # Fixed seed: the heads' initial weights do not depend on what ran before INIT.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(model.seed)
