@@ -287,3 +287,28 @@ def test_training_with_all_algorithms_resumes_bit_identically(make_trainer, tmp_
     for name in final_a:
         for key, value in final_a[name].items():
             assert torch.equal(final_b[name][key], value), f'{name}.{key}'
+
+
+def test_shipped_architecture_and_planner_conditioning(family):
+    """The shipped Qwen/Qwen-Image configs build the 20.43B transformer; planner conditioning runs a meta CFG query."""
+    from pathlib import Path
+
+    from diffusers import QwenImageTransformer2DModel
+
+    import senseflow_algos.plan as plan
+
+    folder = Path(plan.__file__).parent / 'architectures' / 'qwen-image'
+    with torch.device('meta'):
+        net = QwenImageTransformer2DModel.from_config(QwenImageTransformer2DModel.load_config(folder / 'transformer'))
+    assert sum(p.numel() for p in net.parameters()) == 20_430_401_088
+    # The config's unused pooled_projection_dim (768) is not the width of the pooled text condition.
+    assert net.config.pooled_projection_dim == 768 and family.pooled_text_dim(net.config) == 3584
+    lengths = family.planner_text_lengths(512)
+    assert lengths == {'text_encoder': 512 + 39}
+    cond = family.planner_conditioning(net.config, lengths, 2, torch.bfloat16)
+    assert cond['prompt_embeds'].shape == (2, 512, 3584) and cond['prompt_embeds_mask'].shape == (2, 512)
+    with torch.device('meta'):
+        small = QwenImageTransformer2DModel(num_layers=1, joint_attention_dim=3584)
+    x = torch.empty(2, 16, 128, 128, device='meta')
+    v = family.velocity(small, x, torch.full((2,), 0.5, device='meta'), cond, torch.full((2,), 4.0, device='meta'))
+    assert v.shape == x.shape and v.is_meta

@@ -201,10 +201,10 @@ class VFMDiscriminator(Algorithm):
     def _attach(self, model: DMDModel, state: State) -> None:
         if hasattr(model, HEADS_ATTR):
             raise RuntimeError('the DMD model already has a discriminator; add VFMDiscriminator once')
-        # The pooled text embedding's width; a teacher without one (Qwen-Image) pools its sequence embedding, whose
-        # width is the transformer's joint_attention_dim.
-        config = model.teacher.config
-        text_dim = int(getattr(config, 'pooled_projection_dim', None) or config.joint_attention_dim)
+        # The width of cond['pooled_prompt_embeds']: the family's when it says (Qwen-Image pools its sequence
+        # embedding; its config's pooled_projection_dim is an unused leftover), else the transformer's.
+        pooled_dim = getattr(model.family, 'pooled_text_dim', None)
+        text_dim = int(pooled_dim(model.teacher.config) if pooled_dim else model.teacher.config.pooled_projection_dim)
         # Fixed seed: the heads' initial weights do not depend on what ran before INIT.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(model.seed)

@@ -306,10 +306,16 @@ class QwenImageFamily(ModelFamily):
             v = true_cfg(v, v_neg, guidance.to(device=x.device, dtype=torch.float32))
         return unpack_latents(v, c, h, w)
 
+    def pooled_text_dim(self, teacher_config) -> int:
+        """Width of ``pooled_prompt_embeds`` (the VFM discriminator's text condition): the mean-pooled prompt
+        embedding is the text encoder's width, the transformer's ``joint_attention_dim``. (Qwen/Qwen-Image's
+        transformer config also lists ``pooled_projection_dim: 768``, which the transformer ignores.)"""
+        return int(teacher_config.joint_attention_dim)
+
     @staticmethod
     def _call(net, tokens, timestep, img_shapes, embeds, mask) -> torch.Tensor:
         # The pipeline passes no mask when every token is real (encode_prompt drops an all-ones mask): the same here.
-        if mask is not None and bool(mask.all()):
+        if mask is not None and not mask.is_meta and bool(mask.all()):  # (the planner's meta mask is kept)
             mask = None
         return net(hidden_states=tokens, timestep=timestep, encoder_hidden_states=embeds.to(tokens.dtype),
                    encoder_hidden_states_mask=mask, img_shapes=img_shapes, return_dict=False)[0].float()
@@ -390,10 +396,10 @@ class QwenImageFamily(ModelFamily):
         def mask(n):
             return torch.empty(batch, n, dtype=torch.long, device='meta')
 
-        # The negative prompt ' ' is one token.
+        # The negative prompt ' ' keeps the template's 5 closing tokens (and at most one of its own).
         return {'prompt_embeds': embeds(length), 'prompt_embeds_mask': mask(length),
                 'pooled_prompt_embeds': torch.empty(batch, width, dtype=dtype, device='meta'),
-                'negative_prompt_embeds': embeds(1), 'negative_prompt_embeds_mask': mask(1)}
+                'negative_prompt_embeds': embeds(6), 'negative_prompt_embeds_mask': mask(6)}
 
 
 def _decode_without_encoder(vae) -> None:
