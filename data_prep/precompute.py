@@ -37,6 +37,7 @@ from mds_writer import add_writer_args, barrier, rank_world, run_writer
 from senseflow_algos.data.samples import BadSampleError, open_image
 from senseflow_algos.data.streaming import NEGATIVES_FILE, PRECOMPUTE_META_FILE, image_to_tensor, make_streams
 from senseflow_algos.data.uri import join_uri, read_file, write_file
+from senseflow_algos.models.families import FAMILIES
 
 #: Input encodings whose decode/encode round trip is lossy: copied as the stored bytes (column becomes ``bytes``).
 RAW_COPY_ENCODINGS = ('jpeg',)
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'local folder or a remote URI.')
     parser.add_argument('--input-cache', default=None,
                         help='Local folder to cache a remote --input in (default: a folder under the system temp).')
-    parser.add_argument('--family', required=True, choices=('flux', 'sd35'), help='Teacher family (model.family).')
+    parser.add_argument('--family', required=True, choices=sorted(FAMILIES), help='Teacher family (model.family).')
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument('--pretrained', help='Teacher: hub id or local diffusers folder (model.pretrained); only its '
                        'text encoders, tokenizers and VAE are loaded.')

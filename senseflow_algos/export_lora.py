@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 __all__ = ['LORA_FOLDER', 'LORA_WEIGHTS', 'ADAPTER', 'has_lora', 'fused_copy', 'lora_state_dict', 'save_lora',
-           'base_transformer_overrides', 'load_lora_pipeline']
+           'load_lora_pipeline']
 
 #: Subfolder of an export holding the LoRA file and the student's scheduler.
 LORA_FOLDER = 'lora'
@@ -90,7 +90,7 @@ def lora_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_lora(pipeline_class: type, net: nn.Module, scheduler, out: str | Path) -> Path:
+def save_lora(pipeline_class: type, net: nn.Module, scheduler, out: str | Path, network: str = 'transformer') -> Path:
     """Write ``net``'s adapter as a diffusers LoRA folder (``pytorch_lora_weights.safetensors``, ``scheduler/``).
 
     Args:
@@ -105,27 +105,32 @@ def save_lora(pipeline_class: type, net: nn.Module, scheduler, out: str | Path) 
     """
     out = Path(out)
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in net.peft_config[ADAPTER].to_dict().items()}
-    pipeline_class.save_lora_weights(out, transformer_lora_layers=lora_state_dict(net), weight_name=LORA_WEIGHTS,
-                                     safe_serialization=True, transformer_lora_adapter_metadata=metadata)
+    pipeline_class.save_lora_weights(out, weight_name=LORA_WEIGHTS, safe_serialization=True,
+                                     **{f'{network}_lora_layers': lora_state_dict(net),
+                                        f'{network}_lora_adapter_metadata': metadata})
     scheduler.save_pretrained(out / 'scheduler')
     return out / LORA_WEIGHTS
 
 
-def base_transformer_overrides(family_name: str) -> dict[str, Any]:
-    """Config overrides of the teacher's transformer that give the LoRA's base (FLUX: no guidance embedding)."""
-    return {'guidance_embeds': False} if family_name == 'flux' else {}
-
-
-def lora_info(family_name: str, net: nn.Module, teacher: Optional[nn.Module], folder: str | Path,
+def lora_info(family, net: nn.Module, teacher: Optional[nn.Module], folder: str | Path,
               scheduler_config: dict[str, Any]) -> dict[str, Any]:
-    """The ``lora`` section of ``senseflow_export.json``: where the file is and how to load it."""
+    """The ``lora`` section of ``senseflow_export.json``: where the file is and how to load it.
+
+    The LoRA's base is the teacher's network with the family's ``lora_base_overrides`` (FLUX: no guidance
+    embedding) in the family's pipeline.
+    """
     cfg = net.peft_config[ADAPTER]
-    overrides = base_transformer_overrides(family_name)
+    overrides = dict(family.lora_base_overrides)
     base = next((getattr(m.config, '_name_or_path', None) for m in (teacher, net)
                  if m is not None and getattr(m.config, '_name_or_path', None)), None)
-    load = ("transformer = FluxTransformer2DModel.from_pretrained(BASE, subfolder='transformer', "
-            "guidance_embeds=False); pipe = FluxPipeline.from_pretrained(BASE, transformer=transformer)"
-            if family_name == 'flux' else 'pipe = StableDiffusion3Pipeline.from_pretrained(BASE)')
+    sub, pipeline = family.network_subfolder, family.pipeline_class
+    if overrides:
+        args = ', '.join(f'{k}={v!r}' for k, v in overrides.items())
+        load = (f"{sub} = {family.network_class}.from_pretrained(BASE, subfolder={sub!r}, {args}); "
+                f'pipe = {pipeline}.from_pretrained(BASE, {sub}={sub})')
+    else:
+        load = f'pipe = {pipeline}.from_pretrained(BASE)'
+    scheduler_class = scheduler_config.get('_class_name', 'FlowMatchEulerDiscreteScheduler')
     return {
         'folder': Path(folder).name,
         'weights': f'{Path(folder).name}/{LORA_WEIGHTS}',
@@ -134,9 +139,9 @@ def lora_info(family_name: str, net: nn.Module, teacher: Optional[nn.Module], fo
         'target_modules': sorted(cfg.target_modules),
         'base_model': base,
         'base_transformer_overrides': overrides,
-        'scheduler_config': scheduler_config,
+        'scheduler_config': {k: v for k, v in scheduler_config.items() if not k.startswith('_')},
         'how': (f'{load}; pipe.load_lora_weights(EXPORT/{Path(folder).name!r}); '
-                f"pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(EXPORT/{Path(folder).name!r}, "
+                f"pipe.scheduler = {scheduler_class}.from_pretrained(EXPORT/{Path(folder).name!r}, "
                 "subfolder='scheduler'); pipe(prompt, **call_kwargs)"),
     }
 
@@ -144,9 +149,9 @@ def lora_info(family_name: str, net: nn.Module, teacher: Optional[nn.Module], fo
 def write_lora_export(model, net: nn.Module, pipeline_class: type, scheduler, out: Path) -> dict[str, Any]:
     """Write ``<out>/lora`` for the LoRA generator ``net`` of ``model``; returns the json's ``lora`` section."""
     folder = out / LORA_FOLDER
-    save_lora(pipeline_class, net, scheduler, folder)
-    return lora_info(model.family.name, net, getattr(model, 'teacher', None), folder,
-                     {k: v for k, v in dict(scheduler.config).items() if not k.startswith('_')})
+    save_lora(pipeline_class, net, scheduler, folder, model.family.network_subfolder)
+    return lora_info(model.family, net, getattr(model, 'teacher', None), folder,
+                     {'_class_name': type(scheduler).__name__, **dict(scheduler.config)})
 
 
 def load_lora_pipeline(base: str | Path, export: str | Path, torch_dtype: Optional[torch.dtype] = None):
@@ -162,6 +167,8 @@ def load_lora_pipeline(base: str | Path, export: str | Path, torch_dtype: Option
     """
     import diffusers
 
+    from senseflow_algos.models.families import get_family
+
     export = Path(export)
     info = json.loads((export / 'senseflow_export.json').read_text())
     lora = info.get('lora')
@@ -170,12 +177,14 @@ def load_lora_pipeline(base: str | Path, export: str | Path, torch_dtype: Option
                          'was not trained with model.lora')
     cls = getattr(diffusers, info['pipeline_class'])
     kwargs: dict[str, Any] = {} if torch_dtype is None else {'torch_dtype': torch_dtype}
+    family = get_family(info['family'])
     if lora['base_transformer_overrides']:
-        transformer = diffusers.FluxTransformer2DModel.from_pretrained(
-            base, subfolder='transformer', **lora['base_transformer_overrides'], **kwargs)
-        kwargs['transformer'] = transformer
+        kwargs[family.network_subfolder] = getattr(diffusers, family.network_class).from_pretrained(
+            base, subfolder=family.network_subfolder, **lora['base_transformer_overrides'], **kwargs)
     pipe = cls.from_pretrained(base, **kwargs)
     pipe.load_lora_weights(str(export / lora['folder']))
-    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(str(export / lora['folder']),
-                                                                              subfolder='scheduler')
+    scheduler_dir = export / lora['folder'] / 'scheduler'
+    scheduler_class = json.loads((scheduler_dir / 'scheduler_config.json').read_text())['_class_name']
+    pipe.scheduler = getattr(diffusers, scheduler_class).from_pretrained(str(export / lora['folder']),
+                                                                        subfolder='scheduler')
     return pipe

@@ -153,14 +153,9 @@ def draw_noise(shape: Sequence[int], rng: RngLike, device=None,
 
 
 def _renoise_noise_fn(family: ModelFamily, shape: Sequence[int], rng: RngLike, device) -> NoiseFn:
-    """Fresh noise for the re-noise steps, in the layout in which diffusers' scheduler draws it for ``family``."""
-    from senseflow_algos.models.families.flux import FluxFamily, unpack_latents
-
-    b, c, h, w = shape
-    if isinstance(family, FluxFamily):
-        # FluxPipeline's scheduler steps on packed (B, h/2 * w/2, 4C) tokens and draws its noise in that shape.
-        return lambda: unpack_latents(draw_noise((b, (h // 2) * (w // 2), 4 * c), rng, device), c, h, w)
-    return lambda: draw_noise(shape, rng, device)
+    """Fresh noise for the re-noise steps, in the layout in which diffusers' scheduler draws it for ``family``
+    (:meth:`~senseflow_algos.models.families.ModelFamily.scheduler_noise`)."""
+    return family.scheduler_noise(tuple(shape), lambda s: draw_noise(s, rng, device))
 
 
 def run_sampler(velocity_fn: VelocityFn, noise: torch.Tensor, sigmas: Sequence[float] | torch.Tensor,

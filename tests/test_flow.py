@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from senseflow_algos import flow
+from senseflow_algos.algorithms.isg import mid_sigma
 from senseflow_algos.models.families import FluxFamily, SD35Family
 
 FAMILIES = {'flux': FluxFamily, 'sd35': SD35Family}
@@ -150,14 +151,14 @@ def test_sd3_index_zero():
 @pytest.mark.parametrize('name,margin', [('flux', 20), ('sd35', 50)])
 def test_isg_mid_sigma_inside_segments(name, margin):
     family = FAMILIES[name]()
-    assert family.isg_margin == margin
+    assert family.defaults.isg_margin == margin
     sigmas = flow.append_zero(family.anchors((128, 128)))
     n = 4000
     rng = torch.Generator().manual_seed(0)
     for i in range(4):
         cur = torch.full((n,), float(sigmas[i]), dtype=torch.float64)
         nxt = torch.full((n,), float(sigmas[i + 1]), dtype=torch.float64)
-        mid = family.isg_mid_sigma(cur, nxt, rng)
+        mid = mid_sigma(family, cur, nxt, rng)
         assert mid.shape == (n,)
         assert (mid > nxt).all() and (mid < cur).all(), (i, mid.min(), mid.max())
         # The grid index of each draw, by hand: FLUX t = 1000 s; SD 3.5 (t + 1) / 1000 = s / (3 - 2 s).
@@ -172,7 +173,7 @@ def test_isg_mid_sigma_inside_segments(name, margin):
     # Per-sample segments in one call.
     cur = sigmas[:4].clone()
     nxt = sigmas[1:].clone()
-    mid = family.isg_mid_sigma(cur, nxt, torch.Generator().manual_seed(1))
+    mid = mid_sigma(family, cur, nxt, torch.Generator().manual_seed(1))
     assert (mid > nxt).all() and (mid < cur).all()
 
 

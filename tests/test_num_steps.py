@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from senseflow_algos import flow
+from senseflow_algos.algorithms.isg import mid_sigma
 from senseflow_algos.algorithms.isg.isg import check_segments
 from senseflow_algos.models.families import FluxFamily, SD35Family
 
@@ -127,12 +128,12 @@ def test_isg_mid_points_stay_inside_every_segment(family, n):
     for i in range(n):
         cur = sigmas[i].expand(256)
         nxt = sigmas[i + 1].expand(256)
-        mid = family.isg_mid_sigma(cur, nxt, rng)
+        mid = mid_sigma(family, cur, nxt, rng)
         # Strictly inside, at least a margin away from both ends on the family's index grid.
         assert (mid < cur).all() and (mid > nxt).all()
         m_idx = family.sigma_to_index(mid)
-        assert (m_idx >= family.sigma_to_index(nxt) + family.isg_margin).all()
-        assert (m_idx <= family.sigma_to_index(cur) - family.isg_margin).all()
+        assert (m_idx >= family.sigma_to_index(nxt) + family.defaults.isg_margin).all()
+        assert (m_idx <= family.sigma_to_index(cur) - family.defaults.isg_margin).all()
 
 
 def test_isg_names_an_impossible_step_count_and_margin():

@@ -175,5 +175,5 @@ def test_cli_help(capsys):
 
 
 def test_save_rejects_unknown_family(tmp_path):
-    with pytest.raises(ValueError, match="Unknown family"):
-        save_tiny_pipeline("sdxl", tmp_path)
+    with pytest.raises(ValueError, match="'no-such-family' is not a known family"):
+        save_tiny_pipeline("no-such-family", tmp_path)

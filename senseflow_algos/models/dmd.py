@@ -67,15 +67,16 @@ class DMDModel(ComposerModel):
             Default: ``5``.
         backsim_prob (float): Probability that a batch's generator input is backward-simulated rather than real
             latents noised to the anchor (always backward simulation when the batch has no images). Default: ``0.5``.
-        dmd_guidance (tuple[float, float]): Teacher guidance for the DMD real score, drawn per sample from
-            U(lo, hi): embedded guidance for FLUX (1, 8), CFG scale for SD 3.5 (Large 3..10, Medium 2..8).
+        dmd_guidance (tuple[float, float], optional): Teacher guidance for the DMD real score, drawn per sample from
+            U(lo, hi): embedded guidance for FLUX (1, 8), CFG scale for SD 3.5 (Large 3..10, Medium 2..8). Default:
+            the family's ``defaults.dmd_guidance``.
         seed (int): Seed of the noise streams. Default: ``0``.
         num_steps (int): Sampling steps of the student = number of anchors, the family's shift of
             ``[1, (n-1)/n, ..., 1/n]``. Default: ``4`` (the paper's).
     """
 
     def __init__(self, family: ModelFamily, components: Components, resolution: int, gen_every: int = 5,
-                 backsim_prob: float = 0.5, dmd_guidance: Sequence[float] = (1.0, 8.0), seed: int = 0,
+                 backsim_prob: float = 0.5, dmd_guidance: Optional[Sequence[float]] = None, seed: int = 0,
                  num_steps: int = DEFAULT_NUM_STEPS):
         super().__init__()
         limits.check('model.num_steps', num_steps)
@@ -95,7 +96,8 @@ class DMDModel(ComposerModel):
         self.resolution = resolution
         self.gen_every = gen_every
         self.backsim_prob = backsim_prob
-        self.dmd_guidance = tuple(float(g) for g in dmd_guidance)
+        self.dmd_guidance = tuple(float(g) for g in (family.defaults.dmd_guidance if dmd_guidance is None
+                                                     else dmd_guidance))
         self.seed = seed
         self.latent_shape = family.latent_shape(self.vae, resolution)
         #: Generator sigmas (float64, CPU) followed by the end point 0.
@@ -356,13 +358,15 @@ class DMDModel(ComposerModel):
         return flow.dmd_loss(x0, x0_real, x0_fake)
 
     def fake_score_loss(self, x0: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Flow matching of the fake score on the detached generator sample (logit-normal sigma, weight 1)."""
+        """The fake score's denoising loss on the detached generator sample (the family's objective: flow matching
+        with weight 1 at logit-normal sigma for FLUX and SD 3.5)."""
         rng = self.rng('fake_score')
         x0 = x0.detach()
         sigma = self.family.fake_score_sigma(x0.shape[0], rng, device=self.device).float()
         noise = flow.sample_noise(x0.shape, rng, device=self.device)
-        v = self.family.velocity(self.fake_score, flow.add_noise(x0, noise, sigma), sigma, cond)
-        return torch.nn.functional.mse_loss(v, noise - x0)
+        x_t = flow.add_noise(x0, noise, sigma)
+        v = self.family.velocity(self.fake_score, x_t, sigma, cond)
+        return self.family.fake_score_objective(v, noise, x0, x_t, sigma)
 
     def eval_forward(self, batch, outputs=None):
         return outputs if outputs is not None else self.generator_pass(batch, with_grad=False)

@@ -1,4 +1,5 @@
-"""Tiny, random-weight, fully offline FLUX and SD3.5 text-to-image pipelines.
+"""Tiny, random-weight, fully offline FLUX and SD3.5 text-to-image pipelines (other families build theirs in their
+own module; ``save_tiny_pipeline`` saves any family's).
 
 The pipelines use the real diffusers / transformers classes with minimal sizes so
 that CPU tests and demo configs can run the complete training and sampling code
@@ -194,14 +195,11 @@ def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     )
 
 
-BUILDERS = {"flux": build_tiny_flux_pipeline, "sd35": build_tiny_sd3_pipeline}
-
-
 def save_tiny_pipeline(family: str, folder: str | os.PathLike, seed: int = 0) -> Path:
     """Builds a tiny pipeline and saves it with safetensors weights.
 
     Args:
-        family: ``'flux'`` or ``'sd35'``.
+        family: ``model.family`` name (any registered family; its ``tiny_pipeline``).
         folder: Output folder, created if needed.
         seed: Seed for the random weights.
 
@@ -211,10 +209,10 @@ def save_tiny_pipeline(family: str, folder: str | os.PathLike, seed: int = 0) ->
     Raises:
         ValueError: If ``family`` is unknown.
     """
-    if family not in BUILDERS:
-        raise ValueError(f"Unknown family {family!r}; expected one of {sorted(BUILDERS)}.")
+    from senseflow_algos.models.families import get_family
+
     folder = Path(folder)
-    BUILDERS[family](seed=seed).save_pretrained(folder, safe_serialization=True)
+    get_family(family).tiny_pipeline(seed=seed).save_pretrained(folder, safe_serialization=True)
     return folder
 
 
@@ -224,7 +222,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m senseflow_algos.models.tiny",
         description="Save a tiny random-weight offline text-to-image pipeline.",
     )
-    parser.add_argument("family", choices=sorted(BUILDERS), help="Pipeline family.")
+    from senseflow_algos.models.families import FAMILIES
+
+    parser.add_argument("family", choices=sorted(FAMILIES), help="Pipeline family.")
     parser.add_argument("folder", help="Output folder.")
     parser.add_argument("--seed", type=int, default=0, help="Seed for the random weights (default: 0).")
     args = parser.parse_args(argv)

@@ -11,7 +11,6 @@ device, the way the family's ``load_components`` assembles them from real weight
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import json
 from pathlib import Path
@@ -29,12 +28,9 @@ __all__ = ['ARCHITECTURES_DIR', 'HUB_IDS', 'DINOV2_CONFIG', 'architecture_folder
 
 #: Folder of the shipped architecture configs.
 ARCHITECTURES_DIR = Path(__file__).resolve().parent / 'architectures'
-#: Hub ids of the published teachers -> shipped folder names.
-HUB_IDS = {
-    'black-forest-labs/FLUX.1-dev': 'flux1-dev',
-    'stabilityai/stable-diffusion-3.5-large': 'sd35-large',
-    'stabilityai/stable-diffusion-3.5-medium': 'sd35-medium',
-}
+#: Hub ids of the published teachers -> shipped folder names (each folder's ``hub_id`` file names its teacher).
+HUB_IDS = {(d / 'hub_id').read_text().strip(): d.name
+           for d in sorted(ARCHITECTURES_DIR.iterdir()) if (d / 'hub_id').is_file()}
 #: timm config of DINOv2 ViT-L/14 (``vit_large_patch14_dinov2.lvd142m``), the VFM discriminator's default backbone.
 DINOV2_CONFIG = ARCHITECTURES_DIR / 'dinov2-vitl14' / 'config.json'
 
@@ -98,40 +94,28 @@ def build_component(folder: Path, name: str, dtype: torch.dtype) -> nn.Module:
     return module.to(dtype).requires_grad_(False).eval()
 
 
-def _encoder_names(family: ModelFamily) -> tuple[str, ...]:
-    return ('text_encoder', 'text_encoder_2') if family.name == 'flux' else ('text_encoder', 'text_encoder_2',
-                                                                               'text_encoder_3')
-
-
 def meta_components(family: ModelFamily, folder: Path, student_dtype: torch.dtype, teacher_dtype: torch.dtype,
                     encoder_dtype: torch.dtype, text_encoders: bool = True, vae_encoder: bool = True) -> Components:
     """The family's components built from ``folder``'s configs on the meta device (no weight is read).
 
-    Mirrors the families' ``load_components``: FLUX's generator is the teacher without its guidance embedding, SD
-    3.5's a copy of the teacher; the conditioner holds the text encoders (no tokenizers: the planner feeds token ids).
+    Mirrors :meth:`~senseflow_algos.models.families.ModelFamily.load_components`: the teacher is the family's
+    network, the student its ``student_from_teacher`` (FLUX: without guidance embedding; others: a copy); the
+    conditioner holds the text encoders (no tokenizers: the planner feeds token ids).
     """
-    from senseflow_algos.models.families import FluxConditioner, SD35Conditioner
-    from senseflow_algos.models.families.flux import without_guidance_embedding
-
     with torch.device('meta'):
-        teacher = build_component(folder, 'transformer', teacher_dtype)
-        if family.name == 'flux':
-            if not teacher.config.guidance_embeds:
-                raise ConfigError(f'{folder}: the FLUX teacher has no guidance embedding (guidance_embeds=false)')
-            student = without_guidance_embedding(teacher, student_dtype)
-        else:
-            student = copy.deepcopy(teacher).to(student_dtype)
+        teacher = build_component(folder, family.network_subfolder, teacher_dtype)
+        try:
+            family.check_teacher(teacher, str(folder))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        student = family.student_from_teacher(teacher, student_dtype)
         student.requires_grad_(True).train()
         vae = build_component(folder, 'vae', encoder_dtype)
         conditioner = None
         if text_encoders:
-            encoders = [build_component(folder, name, encoder_dtype) for name in _encoder_names(family)]
-            length = family.max_sequence_length
-            if family.name == 'flux':
-                conditioner = FluxConditioner(encoders[0], None, encoders[1], None, max_sequence_length=length)
-            else:
-                conditioner = SD35Conditioner(encoders[0], None, encoders[1], None, encoders[2], None,
-                                             max_sequence_length=length)
+            modules = {name: None if name.startswith('tokenizer') else build_component(folder, name, encoder_dtype)
+                       for name in family.text_components}
+            conditioner = family.make_conditioner(modules, family.max_sequence_length)
     scheduler = folder / 'scheduler' / 'scheduler_config.json'
     return Components(teacher=teacher, student=student, vae=vae if vae_encoder else drop_vae_encoder(vae),
                       conditioner=conditioner,

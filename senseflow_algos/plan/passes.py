@@ -38,30 +38,18 @@ class PassCosts:
 
 
 def text_lengths(meta: MetaModel, settings: RunSettings) -> dict[str, int]:
-    """Token count each text encoder is run at: CLIP 77, T5 the family's ``max_sequence_length``."""
+    """Token count each text encoder is run at (the family's ``planner_text_lengths`` at the conditioner's
+    ``max_sequence_length``)."""
     family = meta.model.family
     conditioner = meta.model.conditioner
-    t5 = conditioner.max_sequence_length if conditioner is not None else family.max_sequence_length
-    if family.name == 'flux':
-        return {'text_encoder': 77, 'text_encoder_2': t5}
-    return {'text_encoder': 77, 'text_encoder_2': 77, 'text_encoder_3': t5}
+    length = conditioner.max_sequence_length if conditioner is not None else family.max_sequence_length
+    return family.planner_text_lengths(length)
 
 
 def _conditioning(meta: MetaModel, settings: RunSettings, b: int) -> dict[str, torch.Tensor]:
     """Meta conditioning tensors shaped as the text encoders (or the precomputed data) deliver them."""
-    teacher = meta.model.teacher.config
-    lengths = text_lengths(meta, settings)
-    dtype = meta.encoder_dtype
-    if meta.model.family.name == 'flux':
-        tokens = lengths['text_encoder_2']
-    else:
-        tokens = lengths['text_encoder'] + lengths['text_encoder_3']  # CLIP-L/G (77) then T5, concatenated
-    cond = {'prompt_embeds': torch.empty(b, tokens, teacher.joint_attention_dim, dtype=dtype, device='meta'),
-            'pooled_prompt_embeds': torch.empty(b, teacher.pooled_projection_dim, dtype=dtype, device='meta')}
-    if meta.model.family.name != 'flux':
-        cond['negative_prompt_embeds'] = torch.empty_like(cond['prompt_embeds'])
-        cond['negative_pooled_prompt_embeds'] = torch.empty_like(cond['pooled_prompt_embeds'])
-    return cond
+    return meta.model.family.planner_conditioning(meta.model.teacher.config, text_lengths(meta, settings), b,
+                                                  meta.encoder_dtype)
 
 
 def _decoder_units(vae: nn.Module) -> list[nn.Module]:

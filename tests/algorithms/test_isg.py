@@ -7,6 +7,7 @@ import torch
 
 from senseflow_algos import flow
 from senseflow_algos.algorithms import IntraSegmentGuidance
+from senseflow_algos.algorithms.isg import mid_sigma
 from senseflow_algos.functional import isg_loss, isg_target
 from senseflow_algos.models.families import FluxFamily, SD35Family
 from senseflow_algos.optim import TrainingPhase
@@ -74,7 +75,7 @@ def test_mid_point_inside_segment_last_ends_at_zero(name):
     g = torch.Generator().manual_seed(0)
     for i in range(4):
         cur, nxt = anchors[i].repeat(500), anchors[i + 1].repeat(500)
-        mid = family.isg_mid_sigma(cur, nxt, g)
+        mid = mid_sigma(family, cur, nxt, g)
         lo, hi = to_sigma(indices[i + 1] + margin), to_sigma(indices[i] - margin)
         assert (mid >= lo - 1e-9).all() and (mid <= hi + 1e-9).all(), (i, float(mid.min()), float(mid.max()), lo, hi)
         assert ((mid > nxt) & (mid < cur)).all()

@@ -3,6 +3,6 @@
 See the :doc:`README <README>` for usage and suggested hyperparameters.
 """
 
-from senseflow_algos.algorithms.isg.isg import DEFAULT_ISG_GUIDANCE, IntraSegmentGuidance, isg_loss, isg_target
+from senseflow_algos.algorithms.isg.isg import IntraSegmentGuidance, check_segments, isg_loss, isg_target, mid_sigma
 
-__all__ = ['IntraSegmentGuidance', 'isg_loss', 'isg_target', 'DEFAULT_ISG_GUIDANCE']
+__all__ = ['IntraSegmentGuidance', 'isg_loss', 'isg_target', 'mid_sigma', 'check_segments']

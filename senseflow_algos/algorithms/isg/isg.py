@@ -14,10 +14,7 @@ from senseflow_algos.models.dmd import sample_uniform
 from senseflow_algos.models.step import GeneratorStep
 from senseflow_algos.optim import TrainingPhase
 
-__all__ = ['isg_target', 'isg_loss', 'check_segments', 'IntraSegmentGuidance', 'DEFAULT_ISG_GUIDANCE']
-
-#: Teacher guidance of the ISG step per family when none is configured (FLUX embedded U(1,8); SD 3.5 Large CFG 5).
-DEFAULT_ISG_GUIDANCE = {'flux': (1.0, 8.0), 'sd35': (5.0, 5.0)}
+__all__ = ['isg_target', 'isg_loss', 'mid_sigma', 'check_segments', 'IntraSegmentGuidance']
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -55,6 +52,31 @@ def isg_loss(x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma
     raise ValueError(f"ISG loss_type must be 'charbonnier' or 'l2', got {loss_type!r}")
 
 
+def mid_sigma(family, sigma_cur: torch.Tensor, sigma_next: torch.Tensor, rng: torch.Generator,
+              margin: Optional[int] = None) -> torch.Tensor:
+    """A random intermediate sigma inside each segment, uniform on the family's integer index grid.
+
+    Draws ``t_mid`` uniformly in ``[t_next + m, t_cur - m]`` per sample (``m`` = ``margin``, default the family's
+    ``defaults.isg_margin``; indices by its :meth:`sigma_to_index`) and maps it to sigma with :meth:`index_to_sigma`
+    (method notes 3.1: uniform in index, so for SD 3.5 uniform before the shift).
+
+    Args:
+        family (ModelFamily): The teacher family.
+        sigma_cur, sigma_next: Per-sample ``(B,)`` segment start and end (float64).
+        rng (torch.Generator): The draw's generator.
+        margin (int, optional): Index margin from both ends.
+    """
+    margin = family.defaults.isg_margin if margin is None else margin
+    lo = family.sigma_to_index(sigma_next) + margin
+    hi = family.sigma_to_index(sigma_cur) - margin
+    if (hi < lo).any():
+        raise ValueError(f'ISG margin {margin} leaves no room inside a segment '
+                         f'(index ranges {lo.tolist()}..{hi.tolist()})')
+    u = torch.rand(lo.shape, generator=rng, dtype=torch.float64, device=rng.device).to(lo.device)
+    t_mid = lo + torch.floor(u * (hi - lo + 1))
+    return family.index_to_sigma(t_mid)
+
+
 def check_segments(family, sigmas: torch.Tensor, margin: Optional[int] = None) -> None:
     """Check that every segment ``sigmas[i] -> sigmas[i + 1]`` leaves room for ``t_mid`` inside the index margin.
 
@@ -70,7 +92,7 @@ def check_segments(family, sigmas: torch.Tensor, margin: Optional[int] = None) -
     Raises:
         ValueError: Naming the first segment without room, the step count and the margin.
     """
-    m = family.isg_margin if margin is None else margin
+    m = family.defaults.isg_margin if margin is None else margin
     index = family.sigma_to_index(torch.as_tensor(sigmas, dtype=torch.float64))
     for i in range(len(index) - 1):
         lo, hi = int(index[i + 1]) + m, int(index[i]) - m
@@ -95,8 +117,10 @@ class IntraSegmentGuidance(Algorithm):
     Args:
         weight (float): lambda_ISG. Default: ``1.0`` (FLUX, SD 3.5 Large; 0.5 for SD 3.5 Medium).
         guidance (tuple[float, float], optional): Teacher guidance drawn per sample from U(lo, hi) for the ISG
-            step: FLUX embedded (1, 8); SD 3.5 Large CFG (5, 5); Medium (2, 4). Default: per family.
-        margin (int, optional): Index margin from both segment ends. Default: the family's (FLUX 20, SD 3.5 50).
+            step: FLUX embedded (1, 8); SD 3.5 Large CFG (5, 5); Medium (2, 4). Default: the family's
+            ``defaults.isg_guidance``.
+        margin (int, optional): Index margin from both segment ends. Default: the family's ``defaults.isg_margin``
+            (FLUX 20, SD 3.5 50).
         loss_type (str): ``charbonnier`` or ``l2``. Default: ``charbonnier``.
         charbonnier_c (float): Charbonnier constant. Default: ``1e-3``.
     """
@@ -131,8 +155,8 @@ class IntraSegmentGuidance(Algorithm):
         sigma, sigma_next = step.sigma, step.sigma_next
         family = model.family
         rng = model.rng('isg')
-        sigma_mid = family.isg_mid_sigma(sigma.double(), sigma_next.double(), rng, self.margin).float()
-        guidance = sample_uniform(self.guidance or DEFAULT_ISG_GUIDANCE[family.name], x.shape[0], rng)
+        sigma_mid = mid_sigma(family, sigma.double(), sigma_next.double(), rng, self.margin).float()
+        guidance = sample_uniform(self.guidance or family.defaults.isg_guidance, x.shape[0], rng)
         target = isg_target(lambda y, s: family.velocity(model.teacher, y, s, cond, guidance),
                             lambda y, s: family.velocity(model.generator, y, s, cond), x, sigma, sigma_mid, sigma_next)
         loss = isg_loss(x, v, sigma, sigma_next, target, self.loss_type, self.charbonnier_c)

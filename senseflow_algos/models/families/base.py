@@ -1,22 +1,29 @@
-"""The small interface every teacher family implements (FLUX, SD 3.5, ...).
+"""The interface every teacher family implements (FLUX, SD 3.5, ...): everything that differs between teachers.
 
-A family knows how to load its diffusers components, how its prompts become conditioning tensors, how to
-query one of its networks for a velocity at ``(x_t, sigma)`` (with or without teacher guidance), its four
-anchors, how its 0..1000 timestep indices map to sigma, and how latents go to and from pixels. Everything
-else (DMD, ISG, backward simulation, samplers) is family-agnostic and works on unpacked ``(B, C, h, w)``
-latents with the helpers in :mod:`senseflow_algos.flow`.
+A family knows which diffusers classes make up its pipeline and how to load them, how its prompts become
+conditioning tensors, how to query one of its networks for a velocity at ``(x_t, sigma)`` (with or without teacher
+guidance), its anchors, how its 0..1000 timestep indices map to sigma, how latents go to and from pixels, how a
+student is exported as its diffusers pipeline, and the per-teacher defaults of the method
+(:class:`MethodDefaults`). Everything else (DMD, ISG, backward simulation, samplers, export, the planner) is
+family-agnostic: it works on unpacked ``(B, C, h, w)`` latents in flow coordinates ``x = (1 - sigma) x0 + sigma eps``
+with the helpers in :mod:`senseflow_algos.flow`, and never names a family.
+
+Adding a teacher is one module in this package with a :class:`ModelFamily` subclass; it is registered by its
+``name`` when the package is imported.
 """
 
 from __future__ import annotations
 
 import abc
+import copy
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ['Components', 'ModelFamily', 'Conditioning', 'UNIFORM_ANCHORS', 'DEFAULT_NUM_STEPS', 'drop_vae_encoder']
+__all__ = ['Components', 'ModelFamily', 'MethodDefaults', 'SchedulerExport', 'Conditioning', 'ExportError', 'UNIFORM_ANCHORS',
+           'DEFAULT_NUM_STEPS', 'drop_vae_encoder']
 
 #: Student sampling steps (= anchors) when none are named: the paper's 4.
 DEFAULT_NUM_STEPS = 4
@@ -47,6 +54,28 @@ class Components:
     scheduler_config: dict
 
 
+@dataclass(frozen=True)
+class MethodDefaults:
+    """A teacher's defaults for the method's per-teacher settings (reference values, method notes sections 1.3, 3.1).
+
+    The one place they live: :class:`~senseflow_algos.models.DMDModel` and the ISG algorithm read them when the YAML
+    leaves the setting out.
+
+    Attributes:
+        dmd_guidance: Teacher guidance of the DMD real score, drawn per sample from U(lo, hi) (embedded guidance or CFG
+            scale, per the family's :meth:`ModelFamily.velocity`).
+        isg_guidance: Teacher guidance of ISG's teacher step, U(lo, hi).
+        isg_margin: Index margin ISG keeps from both ends of a segment, on the family's 0..1000 grid.
+    """
+    dmd_guidance: tuple[float, float]
+    isg_guidance: tuple[float, float]
+    isg_margin: int
+
+
+class ExportError(ValueError):
+    """An export that cannot proceed; the message names the file, key or value at fault."""
+
+
 def drop_vae_encoder(vae: nn.Module) -> nn.Module:
     """Remove the encoder half of an ``AutoencoderKL`` (training on precomputed latents needs only the decoder)."""
     vae.encoder = None
@@ -58,18 +87,50 @@ def drop_vae_encoder(vae: nn.Module) -> nn.Module:
 class ModelFamily(abc.ABC):
     """Family-specific behaviour. Subclasses are stateless apart from their config.
 
-    Args:
-        teacher_guidance_embedded (bool): The teacher takes guidance through an embedding (FLUX-dev), not CFG.
+    Class attributes name the family's diffusers classes; subclasses set them. Every family accepts ``anchors``
+    (``model.family_kwargs.anchors``): the student's timestep indices on the family's 0..1000 grid, e.g.
+    ``[999, 749, 499, 249]``, instead of its default anchors.
     """
 
     #: Registry name used in YAML (``model.family``).
     name: str = ''
-    #: Margin (in 0..1000 index units) that ISG keeps from both ends of a segment.
-    isg_margin: int = 20
+    #: The diffusers class of the denoiser (teacher, generator and fake score).
+    network_class: str = ''
+    #: Its folder in a pipeline, which is also the pipeline constructor's keyword for it.
+    network_subfolder: str = 'transformer'
+    #: The diffusers class of the autoencoder.
+    vae_class: str = 'AutoencoderKL'
+    #: The diffusers class of the teacher's scheduler (its config is kept for the export).
+    scheduler_class: str = 'FlowMatchEulerDiscreteScheduler'
+    #: The diffusers pipeline class a student is exported as.
+    pipeline_class: str = ''
+    #: The pipeline components the conditioner holds (text encoders and tokenizers), as attributes of the same name.
+    text_components: tuple[str, ...] = ()
+    #: The method's per-teacher defaults.
+    defaults: MethodDefaults
+    #: The teacher is guided by CFG (a conditional and an unconditional branch), not by a guidance embedding.
+    uses_cfg: bool = False
+    #: Config overrides of the teacher's network that make the base of a LoRA export (FLUX drops guidance).
+    lora_base_overrides: dict[str, Any] = {}
+    #: Prompt tokens of the long text encoder (families set it in ``__init__``).
+    max_sequence_length: int = 512
+    #: Anchor indices given in YAML (``model.family_kwargs.anchors``); ``None``: the family's default anchors.
+    anchor_indices: Optional[tuple[int, ...]] = None
+
+    def _set_anchors(self, anchors: Optional[Sequence[int]]) -> None:
+        """Keep ``model.family_kwargs.anchors``: strictly descending indices on the family's 0..1000 grid."""
+        if anchors is None:
+            self.anchor_indices = None
+            return
+        indices = tuple(int(a) for a in anchors)
+        if not indices or any(a != float(b) for a, b in zip(indices, anchors)) or any(not 0 < a <= 1000 for a in indices) \
+                or any(a <= b for a, b in zip(indices, indices[1:])):
+            raise ValueError(f'model.family_kwargs.anchors={list(anchors)} must be strictly descending integer '
+                             f'timestep indices in 1..1000 of the {self.name} schedule, e.g. [999, 749, 499, 249]')
+        self.anchor_indices = indices
 
     # -- loading ------------------------------------------------------------------------------------------------------
 
-    @abc.abstractmethod
     def load_components(self, pretrained: str, torch_dtype: torch.dtype = torch.float32,
                         teacher_dtype: Optional[torch.dtype] = None, revision: Optional[str] = None,
                         text_encoders: bool = True, vae_encoder: bool = True,
@@ -80,33 +141,105 @@ class ModelFamily(abc.ABC):
         student's) and ``encoder_dtype`` that of the VAE and text encoders (default: the teacher's).
         ``text_encoders=False`` loads no text encoder (``conditioner=None``); ``vae_encoder=False`` drops the VAE's
         encoder: for training on precomputed embeddings and latents. ``transformers_on_meta=True`` reads no
-        transformer weight: teacher and student are built on the meta device from the transformer's config, to be
+        network weight: teacher and student are built on the meta device from the network's config, to be
         filled by FSDP from global rank 0 (the lean start, :func:`~senseflow_algos.models.fsdp.lean_start`).
         """
+        import diffusers
+
+        teacher_dtype = teacher_dtype or torch_dtype
+        encoder_dtype = encoder_dtype or teacher_dtype
+        teacher = self._load_transformer(getattr(diffusers, self.network_class), pretrained, teacher_dtype, revision,
+                                         on_meta=transformers_on_meta)
+        self.check_teacher(teacher, f'model.pretrained={pretrained!r}')
+        student = self.student_from_teacher(teacher, torch_dtype)  # on meta too when the teacher is
+        vae = self._load_vae(pretrained, encoder_dtype, revision)
+        scheduler_class = getattr(diffusers, self.scheduler_class)
+        return Components(
+            teacher=teacher,
+            student=student,
+            vae=vae if vae_encoder else drop_vae_encoder(vae),
+            conditioner=self._load_conditioner(pretrained, encoder_dtype, revision) if text_encoders else None,
+            scheduler_config=dict(scheduler_class.load_config(pretrained, subfolder='scheduler', revision=revision)),
+        )
+
+    def check_teacher(self, teacher: nn.Module, where: str) -> None:
+        """Refuse a teacher network this family cannot distil (``where`` names its source). Default: accept."""
+        return None
+
+    def student_from_teacher(self, teacher: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+        """The network generator and fake score start from: a copy of the teacher (on meta if the teacher is)."""
+        student = copy.deepcopy(teacher)
+        return student.to(dtype) if dtype is not None else student
 
     @abc.abstractmethod
+    def make_conditioner(self, modules: dict[str, Any], max_sequence_length: Optional[int] = None) -> nn.Module:
+        """The frozen prompt encoder from the modules named in :attr:`text_components` (tokenizers may be ``None``
+        where only shapes matter, as in the planner). ``max_sequence_length``: default the family's."""
+
+    def conditioner_from_pipeline(self, pipe, max_sequence_length: Optional[int] = None) -> nn.Module:
+        """:meth:`make_conditioner` on the text encoders and tokenizers of a loaded pipeline of this family."""
+        return self.make_conditioner({name: getattr(pipe, name) for name in self.text_components},
+                                     max_sequence_length)
+
+    def components_from_pipeline(self, pipe, text_encoders: bool = True, vae_encoder: bool = True,
+                                 max_sequence_length: Optional[int] = None) -> Components:
+        """:class:`Components` from a pipeline object of this family (the teacher is the pipeline's network)."""
+        teacher = getattr(pipe, self.network_subfolder)
+        return Components(
+            teacher=teacher,
+            student=self.student_from_teacher(teacher),
+            vae=pipe.vae if vae_encoder else drop_vae_encoder(pipe.vae),
+            conditioner=self.conditioner_from_pipeline(pipe, max_sequence_length) if text_encoders else None,
+            scheduler_config=dict(pipe.scheduler.config),
+        )
+
+    @abc.abstractmethod
+    def tiny_pipeline(self, seed: int = 0):
+        """A random-weight tiny pipeline of the family's real classes (CPU tests, demos; nothing downloaded)."""
+
     def tiny_components(self, seed: int = 0, text_encoders: bool = True, vae_encoder: bool = True) -> Components:
-        """Random-weight tiny components of the same classes, for CPU tests and demos (flags as above)."""
+        """:meth:`tiny_pipeline` as :class:`Components` (flags as in :meth:`load_components`)."""
+        pipe = self.tiny_pipeline(seed=seed)
+        return self.components_from_pipeline(pipe, text_encoders, vae_encoder, self._tiny_sequence_length(pipe))
+
+    def _tiny_sequence_length(self, pipe) -> Optional[int]:
+        """Prompt tokens of the tiny conditioner. Default: the family's."""
+        return None
 
     def load_encoders(self, pretrained: str, torch_dtype: torch.dtype = torch.float32,
                       revision: Optional[str] = None) -> tuple[nn.Module, nn.Module]:
-        """Only the conditioner and the VAE (``data_prep/precompute.py``), no transformer."""
+        """Only the conditioner and the VAE (``data_prep/precompute.py``), no network."""
         return self._load_conditioner(pretrained, torch_dtype, revision), self._load_vae(pretrained, torch_dtype,
                                                                                          revision)
 
     def _load_conditioner(self, pretrained: str, torch_dtype: torch.dtype, revision: Optional[str]) -> nn.Module:
-        """The family's frozen text encoders and tokenizers from a pipeline folder or hub id."""
-        raise NotImplementedError(f'{type(self).__name__} does not implement _load_conditioner (needed to precompute)')
+        """The text components from a pipeline folder or hub id, each by the class its ``model_index.json`` names
+        (tokenizers through ``AutoTokenizer``), then :meth:`make_conditioner`."""
+        import transformers
+        from diffusers import DiffusionPipeline
 
-    @staticmethod
-    def _load_transformer(model_class: type, pretrained: str, torch_dtype: torch.dtype, revision: Optional[str],
+        index = DiffusionPipeline.load_config(pretrained, revision=revision)
+        modules = {}
+        for name in self.text_components:
+            if name not in index:
+                raise ValueError(f'model.pretrained={pretrained!r}: model_index.json has no {name!r}, which a '
+                                 f'{self.name} pipeline has ({", ".join(self.text_components)})')
+            kw = dict(subfolder=name, revision=revision)
+            if name.startswith('tokenizer'):
+                modules[name] = transformers.AutoTokenizer.from_pretrained(pretrained, **kw)
+            else:
+                modules[name] = getattr(transformers, index[name][1]).from_pretrained(pretrained, torch_dtype=torch_dtype,
+                                                                                      **kw)
+        return self.make_conditioner(modules)
+
+    def _load_transformer(self, model_class: type, pretrained: str, torch_dtype: torch.dtype, revision: Optional[str],
                           on_meta: bool = False) -> nn.Module:
-        """The teacher transformer of class ``model_class`` (eval mode) with its weights, or ``on_meta`` without.
+        """The teacher network of class ``model_class`` (eval mode) with its weights, or ``on_meta`` without.
 
-        On meta it is built from the same ``transformer/config.json`` as ``from_pretrained`` reads, so parameters and
-        buffers have the names, shapes and dtypes of the loaded network while taking no memory.
+        On meta it is built from the same ``<network_subfolder>/config.json`` as ``from_pretrained`` reads, so
+        parameters and buffers have the names, shapes and dtypes of the loaded network while taking no memory.
         """
-        kw = dict(subfolder='transformer', revision=revision)
+        kw = dict(subfolder=self.network_subfolder, revision=revision)
         if not on_meta:
             return model_class.from_pretrained(pretrained, torch_dtype=torch_dtype, **kw)
         if getattr(model_class, '_keep_in_fp32_modules', None):  # from_pretrained would keep those in fp32
@@ -116,11 +249,11 @@ class ModelFamily(abc.ABC):
         net.register_to_config(_name_or_path=pretrained)  # as from_pretrained records it
         return nn.Module.to(net, torch_dtype).eval()  # nn.Module's: diffusers' .to() warns about fp32 modules
 
-    @staticmethod
-    def _load_vae(pretrained: str, torch_dtype: torch.dtype, revision: Optional[str]) -> nn.Module:
-        from diffusers import AutoencoderKL
+    def _load_vae(self, pretrained: str, torch_dtype: torch.dtype, revision: Optional[str]) -> nn.Module:
+        import diffusers
 
-        return AutoencoderKL.from_pretrained(pretrained, subfolder='vae', torch_dtype=torch_dtype, revision=revision)
+        return getattr(diffusers, self.vae_class).from_pretrained(pretrained, subfolder='vae', torch_dtype=torch_dtype,
+                                                                  revision=revision)
 
     def tiny_encoders(self, seed: int = 0) -> tuple[nn.Module, nn.Module]:
         """The conditioner and VAE of :meth:`tiny_components` (same weights for the same seed)."""
@@ -129,13 +262,28 @@ class ModelFamily(abc.ABC):
 
     # -- schedule -----------------------------------------------------------------------------------------------------
 
-    @abc.abstractmethod
     def anchors(self, latent_hw: tuple[int, int], num_steps: int = DEFAULT_NUM_STEPS) -> torch.Tensor:
         """The generator's ``num_steps`` sigmas (float64, descending, first is 1) for latents of size ``latent_hw``.
 
-        They are :func:`~senseflow_algos.flow.uniform_times` (``[1, .75, .5, .25]`` for 4 steps) through the family's
-        time shift, as the reference derives its 4 anchors.
+        ``model.family_kwargs.anchors`` when given (indices through :meth:`index_to_sigma`), else the family's
+        default (:meth:`_default_anchors`).
         """
+        if self.anchor_indices is None:
+            return self._default_anchors(latent_hw, num_steps)
+        if len(self.anchor_indices) != num_steps:
+            raise ValueError(f'model.family_kwargs.anchors has {len(self.anchor_indices)} indices but model.num_steps='
+                             f'{num_steps}; give one index per step')
+        sigmas = self.index_to_sigma(torch.tensor(self.anchor_indices, dtype=torch.float64)).double()
+        if abs(float(sigmas[0]) - 1.0) > 1e-9:
+            raise ValueError(f'model.family_kwargs.anchors={list(self.anchor_indices)}: the first anchor must be pure '
+                             f'noise (sigma 1), but index {self.anchor_indices[0]} is sigma {float(sigmas[0]):.6f} in the '
+                             f'{self.name} schedule')
+        return sigmas
+
+    @abc.abstractmethod
+    def _default_anchors(self, latent_hw: tuple[int, int], num_steps: int) -> torch.Tensor:
+        """The family's own anchors: :func:`~senseflow_algos.flow.uniform_times` (``[1, .75, .5, .25]`` for 4 steps)
+        through the family's time shift, as the reference derives its 4 anchors (or the family's index rule)."""
 
     @abc.abstractmethod
     def index_to_sigma(self, index: torch.Tensor | int) -> torch.Tensor:
@@ -152,6 +300,15 @@ class ModelFamily(abc.ABC):
     @abc.abstractmethod
     def fake_score_sigma(self, n: int, rng: torch.Generator, device=None) -> torch.Tensor:
         """Sigmas for the fake score's flow-matching loss (logit-normal, family-shifted)."""
+
+    def fake_score_objective(self, v: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
+                             sigma: torch.Tensor) -> torch.Tensor:
+        """The fake score's loss from its velocity ``v`` at ``x_t = add_noise(x0, noise, sigma)``.
+
+        Default: flow matching with weight 1, ``mean((v - (noise - x0))^2)`` (method notes 1.4). A family whose
+        networks predict another quantity returns its own objective (an epsilon family: the epsilon MSE).
+        """
+        return torch.nn.functional.mse_loss(v, noise - x0)
 
     #: Per-anchor GAN weightings this family offers (``model.family_kwargs.adversarial_weighting``).
     adversarial_weightings: tuple[str, ...] = ('signal_power',)
@@ -217,23 +374,105 @@ class ModelFamily(abc.ABC):
     def _as_sigma(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0]).to(torch.float32)
 
-    def isg_mid_sigma(self, sigma_cur: torch.Tensor, sigma_next: torch.Tensor, rng: torch.Generator,
-                      margin: Optional[int] = None) -> torch.Tensor:
-        """A random intermediate sigma inside each segment, uniform on the integer index grid.
+    # -- export (senseflow_algos.export; nothing there names a family) -----------------------------------------------
 
-        Draws ``t_mid`` uniformly in ``[t_next + m, t_cur - m]`` (``m`` = ``margin``, default :attr:`isg_margin`),
-        per sample, and maps it to sigma with :meth:`index_to_sigma`.
+    @abc.abstractmethod
+    def export_scheduler(self, base_config: dict[str, Any], sigmas: torch.Tensor, latent_shape: Sequence[int],
+                         method: str) -> 'SchedulerExport':
+        """The exported student's diffusers scheduler and the call arguments that make its pipeline step through
+        ``sigmas`` (the anchors, then 0) with the in-repo sampler ``method``.
+
+        Args:
+            base_config (dict): The teacher scheduler's config (``DMDModel.scheduler_config``).
+            sigmas (Tensor): Anchors followed by 0 (``DMDModel.sigmas``).
+            latent_shape: ``(C, h, w)`` of the latents at the training resolution.
+            method (str): ``'renoise'`` (x0, then re-noise with fresh noise: :func:`~senseflow_algos.flow.renoise_step`)
+                or ``'euler'`` (:func:`~senseflow_algos.flow.euler_step`).
+
+        Raises:
+            ExportError: If the scheduler does not reproduce the anchors.
         """
-        margin = self.isg_margin if margin is None else margin
-        lo = self.sigma_to_index(sigma_next) + margin
-        hi = self.sigma_to_index(sigma_cur) - margin
-        if (hi < lo).any():
-            raise ValueError(f'ISG margin {margin} leaves no room inside a segment '
-                             f'(index ranges {lo.tolist()}..{hi.tolist()})')
-        u = torch.rand(lo.shape, generator=rng, dtype=torch.float64, device=rng.device).to(lo.device)
-        t_mid = lo + torch.floor(u * (hi - lo + 1))
-        return self.index_to_sigma(t_mid)
 
+    def pipeline_call_kwargs(self, resolution: int, conditioner: nn.Module) -> dict[str, Any]:
+        """The call arguments besides the scheduler's that sample like the in-repo sampler (size, prompt length, no
+        guidance)."""
+        return {'height': resolution, 'width': resolution,
+                'max_sequence_length': int(getattr(conditioner, 'max_sequence_length', self.max_sequence_length))}
+
+    def build_pipeline(self, net: nn.Module, vae: nn.Module, conditioner: nn.Module, scheduler):
+        """The diffusers :attr:`pipeline_class` with ``net`` as its network and the conditioner's text components."""
+        import diffusers
+
+        parts = {name: getattr(conditioner, name) for name in self.text_components}
+        return getattr(diffusers, self.pipeline_class)(scheduler=scheduler, vae=vae, **parts,
+                                                       **{self.network_subfolder: net})
+
+    def scheduler_noise(self, shape: Sequence[int], draw: Callable[[Sequence[int]], torch.Tensor]) \
+            -> Callable[[], torch.Tensor]:
+        """Fresh re-noise noise of the unpacked ``shape``, drawn (``draw(shape)``, as diffusers' ``randn_tensor``) in
+        the layout in which the exported pipeline's scheduler draws it, so both consume the random stream alike."""
+        return lambda: draw(shape)
+
+    def _flow_match_export(self, base_config: dict[str, Any], sigmas: torch.Tensor, method: str,
+                           shift_config: dict[str, Any], unshift: Callable[[torch.Tensor], torch.Tensor],
+                           mu: Optional[float] = None) -> 'SchedulerExport':
+        """:meth:`export_scheduler` for flow-matching teachers (``FlowMatchEulerDiscreteScheduler``).
+
+        ``step()`` with ``stochastic_sampling=True`` computes ``x0 = x - s v`` and ``(1 - s_next) x0 + s_next * randn``
+        (:func:`~senseflow_algos.flow.renoise_step`); with ``False`` the Euler step ``x + (s_next - s) v`` (checked in
+        diffusers 0.39's ``scheduling_flow_match_euler_discrete.py``). The pipeline passes pre-shift ``sigmas=``
+        (``unshift`` of the anchors) to ``set_timesteps``, which shifts them back with ``shift_config`` (and ``mu``);
+        every option that would move the sigmas off the anchors (Karras / exponential / beta sigmas, terminal
+        stretch, inversion) is switched off, and the result is checked against the anchors to 1e-5.
+        """
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from senseflow_algos.sampling import METHODS
+
+        if method not in METHODS:
+            raise ExportError(f'sampler method={method!r} is not known; choose one of {list(METHODS)}')
+        cfg = {k: v for k, v in dict(base_config).items() if not k.startswith('_')}
+        cfg.update(stochastic_sampling=method == 'renoise', invert_sigmas=False, shift_terminal=None,
+                   use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+                   time_shift_type='exponential', **shift_config)
+        anchors = torch.as_tensor([float(s) for s in sigmas[:-1]], dtype=torch.float64)
+        pre = [round(float(p), 6) for p in unshift(anchors)]
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+        scheduler.set_timesteps(sigmas=pre, **({'mu': mu} if mu is not None else {}))
+        got = scheduler.sigmas.double()
+        want = torch.as_tensor([float(s) for s in sigmas], dtype=torch.float64)
+        if got.shape != want.shape or (got - want).abs().max() > 1e-5:
+            raise ExportError(f'the exported scheduler gives sigmas {got.tolist()} for sigmas={pre}, not the training '
+                              f'anchors {want.tolist()}')
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(cfg)  # fresh: set_timesteps above changed its state
+        return SchedulerExport(scheduler, {'num_inference_steps': len(pre), 'sigmas': pre},
+                               {'pipeline_sigmas': pre, 'mu': mu})
+
+    # -- planner (senseflow_algos.plan) --------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def planner_text_lengths(self, max_sequence_length: int) -> dict[str, int]:
+        """Tokens each text encoder of :attr:`text_components` runs at for a prompt (the planner's FLOPs)."""
+
+    @abc.abstractmethod
+    def planner_conditioning(self, teacher_config, lengths: dict[str, int], batch: int,
+                             dtype: torch.dtype) -> Conditioning:
+        """Meta-device conditioning of ``batch`` prompts shaped as the conditioner (or precomputed data) delivers it,
+        for text encoders run at ``lengths`` (:meth:`planner_text_lengths`)."""
+
+
+@dataclass
+class SchedulerExport:
+    """What :meth:`ModelFamily.export_scheduler` returns.
+
+    Attributes:
+        scheduler: The diffusers scheduler the exported pipeline is saved with.
+        call_kwargs (dict): Pipeline call arguments that set its steps (``num_inference_steps``, ``sigmas=`` ...).
+        info (dict): Recorded in ``senseflow_export.json`` (e.g. ``pipeline_sigmas``, ``mu``).
+    """
+    scheduler: Any
+    call_kwargs: dict[str, Any]
+    info: dict[str, Any]
 
 def shifted_anchors(shift_fn, num_steps: int = DEFAULT_NUM_STEPS) -> torch.Tensor:
     """Apply a family's time shift to the ``num_steps`` uniform pre-shift times (:func:`flow.uniform_times`)."""

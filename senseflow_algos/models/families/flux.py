@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -10,10 +10,9 @@ from torch import nn
 from senseflow_algos import flow
 from senseflow_algos.models.families.base import (
     DEFAULT_NUM_STEPS,
-    Components,
     Conditioning,
+    MethodDefaults,
     ModelFamily,
-    drop_vae_encoder,
     shifted_anchors,
 )
 
@@ -102,67 +101,50 @@ class FluxFamily(ModelFamily):
         max_sequence_length (int): T5 prompt tokens. Default: ``512``.
         adversarial_weighting (str): Per-anchor GAN weight. Only ``signal_power``, ``(1 - sigma)^2``, as the
             reference FLUX code and the paper. Default: ``signal_power``.
+        anchors (list[int], optional): Anchor indices (sigma = index / 1000) instead of the shifted uniform ones.
     """
 
     name = 'flux'
-    isg_margin = 20
+    network_class = 'FluxTransformer2DModel'
+    pipeline_class = 'FluxPipeline'
+    text_components = ('text_encoder', 'tokenizer', 'text_encoder_2', 'tokenizer_2')
+    # The reference FLUX code: guidance embedding c ~ U(1, 8) for the DMD real score and ISG's teacher step; margin 20.
+    defaults = MethodDefaults(dmd_guidance=(1.0, 8.0), isg_guidance=(1.0, 8.0), isg_margin=20)
+    uses_cfg = False
+    lora_base_overrides = {'guidance_embeds': False}
 
     def __init__(self, base_seq_len: int = flow.FLUX_SHIFT.base_seq_len, max_seq_len: int = flow.FLUX_SHIFT.max_seq_len,
                  base_shift: float = flow.FLUX_SHIFT.base_shift, max_shift: float = flow.FLUX_SHIFT.max_shift,
-                 max_sequence_length: int = 512, adversarial_weighting: str = 'signal_power'):
+                 max_sequence_length: int = 512, adversarial_weighting: str = 'signal_power',
+                 anchors: Optional[Sequence[int]] = None):
         self.shift_params = dict(base_seq_len=base_seq_len, max_seq_len=max_seq_len, base_shift=base_shift,
                                  max_shift=max_shift)
         self.max_sequence_length = max_sequence_length
         self._set_adversarial_weighting(adversarial_weighting)
+        self._set_anchors(anchors)
 
     # -- loading ------------------------------------------------------------------------------------------------------
 
-    def load_components(self, pretrained, torch_dtype=torch.float32, teacher_dtype=None, revision=None,
-                        text_encoders=True, vae_encoder=True, encoder_dtype=None, transformers_on_meta=False):
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-
-        kw = dict(revision=revision)
-        teacher_dtype = teacher_dtype or torch_dtype
-        encoder_dtype = encoder_dtype or teacher_dtype
-        teacher = self._load_transformer(FluxTransformer2DModel, pretrained, teacher_dtype, revision,
-                                         on_meta=transformers_on_meta)
+    def check_teacher(self, teacher, where):
         if not teacher.config.guidance_embeds:
-            raise ValueError(f"model.pretrained={pretrained!r}: the FLUX teacher has no guidance embedding "
-                             '(guidance_embeds=false); a guidance-distilled FLUX.1-dev teacher is expected.')
-        vae = self._load_vae(pretrained, encoder_dtype, revision)
-        return Components(
-            teacher=teacher,
-            student=without_guidance_embedding(teacher, torch_dtype),  # on meta too when the teacher is
-            vae=vae if vae_encoder else drop_vae_encoder(vae),
-            conditioner=self._load_conditioner(pretrained, encoder_dtype, revision) if text_encoders else None,
-            scheduler_config=dict(FlowMatchEulerDiscreteScheduler.load_config(pretrained, subfolder='scheduler',
-                                                                              **kw)),
-        )
+            raise ValueError(f'{where}: the FLUX teacher has no guidance embedding (guidance_embeds=false); a '
+                             'guidance-distilled FLUX.1-dev teacher is expected.')
 
-    def _load_conditioner(self, pretrained, torch_dtype, revision):
-        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+    def student_from_teacher(self, teacher, dtype=None):
+        return without_guidance_embedding(teacher, dtype)
 
-        kw = dict(revision=revision)
-        return FluxConditioner(
-            CLIPTextModel.from_pretrained(pretrained, subfolder='text_encoder', torch_dtype=torch_dtype, **kw),
-            AutoTokenizer.from_pretrained(pretrained, subfolder='tokenizer', **kw),
-            T5EncoderModel.from_pretrained(pretrained, subfolder='text_encoder_2', torch_dtype=torch_dtype, **kw),
-            AutoTokenizer.from_pretrained(pretrained, subfolder='tokenizer_2', **kw),
-            max_sequence_length=self.max_sequence_length)
+    def make_conditioner(self, modules, max_sequence_length=None):
+        return FluxConditioner(modules['text_encoder'], modules['tokenizer'], modules['text_encoder_2'],
+                               modules['tokenizer_2'], max_sequence_length=max_sequence_length or
+                               self.max_sequence_length)
 
-    def tiny_components(self, seed=0, text_encoders=True, vae_encoder=True):
+    def tiny_pipeline(self, seed=0):
         from senseflow_algos.models.tiny import build_tiny_flux_pipeline
 
-        pipe = build_tiny_flux_pipeline(seed=seed)
-        conditioner = FluxConditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
-                                      max_sequence_length=pipe.tokenizer_2.model_max_length)
-        return Components(
-            teacher=pipe.transformer,
-            student=without_guidance_embedding(pipe.transformer),
-            vae=pipe.vae if vae_encoder else drop_vae_encoder(pipe.vae),
-            conditioner=conditioner if text_encoders else None,
-            scheduler_config=dict(pipe.scheduler.config),
-        )
+        return build_tiny_flux_pipeline(seed=seed)
+
+    def _tiny_sequence_length(self, pipe):
+        return pipe.tokenizer_2.model_max_length
 
     # -- schedule -----------------------------------------------------------------------------------------------------
 
@@ -170,7 +152,7 @@ class FluxFamily(ModelFamily):
         """The time-shift exponent at latents of spatial size ``latent_hw`` (``h/2 * w/2`` packed tokens)."""
         return flow.flux_mu((latent_hw[0] // 2) * (latent_hw[1] // 2), **self.shift_params)
 
-    def anchors(self, latent_hw, num_steps=DEFAULT_NUM_STEPS):
+    def _default_anchors(self, latent_hw, num_steps=DEFAULT_NUM_STEPS):
         mu = self.mu(latent_hw)
         return shifted_anchors(lambda s: flow.flux_time_shift(s, mu), num_steps)
 
@@ -219,3 +201,39 @@ class FluxFamily(ModelFamily):
         side = 2 * (resolution // (factor * 2))
         return (vae.config.latent_channels, side, side)
 
+    # -- export -------------------------------------------------------------------------------------------------------
+
+    def export_scheduler(self, base_config, sigmas, latent_shape, method):
+        # FluxPipeline computes mu from the image size (calculate_shift) with the scheduler config's parameters: at the
+        # training resolution its default linspace(1, 1/n, n) gives the training anchors.
+        p = self.shift_params
+        mu = float(self.mu(tuple(latent_shape[1:])))
+        return self._flow_match_export(
+            base_config, sigmas, method,
+            dict(use_dynamic_shifting=True, base_image_seq_len=p['base_seq_len'], max_image_seq_len=p['max_seq_len'],
+                 base_shift=p['base_shift'], max_shift=p['max_shift']),
+            lambda anchors: flow.flux_time_unshift(anchors, mu), mu=mu)
+
+    def build_pipeline(self, net, vae, conditioner, scheduler):
+        from senseflow_algos.models.families.base import ExportError
+
+        if getattr(net.config, 'guidance_embeds', False):
+            raise ExportError('the FLUX student has a guidance embedding (guidance_embeds=true); the generator should '
+                              'be built with without_guidance_embedding')
+        return super().build_pipeline(net, vae, conditioner, scheduler)
+
+    def scheduler_noise(self, shape, draw):
+        # FluxPipeline's scheduler steps on packed (B, h/2 * w/2, 4C) tokens and draws its noise in that shape.
+        b, c, h, w = shape
+        return lambda: unpack_latents(draw((b, (h // 2) * (w // 2), 4 * c)), c, h, w)
+
+    # -- planner ------------------------------------------------------------------------------------------------------
+
+    def planner_text_lengths(self, max_sequence_length):
+        return {'text_encoder': 77, 'text_encoder_2': max_sequence_length}  # CLIP (pooled only), T5
+
+    def planner_conditioning(self, teacher_config, lengths, batch, dtype):
+        return {'prompt_embeds': torch.empty(batch, lengths['text_encoder_2'], teacher_config.joint_attention_dim,
+                                             dtype=dtype, device='meta'),
+                'pooled_prompt_embeds': torch.empty(batch, teacher_config.pooled_projection_dim, dtype=dtype,
+                                                    device='meta')}

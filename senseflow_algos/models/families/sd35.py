@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import copy
+from typing import Optional, Sequence
 
 import torch
 
 from senseflow_algos import flow
 from senseflow_algos.models.families.base import (
     DEFAULT_NUM_STEPS,
-    Components,
     Conditioning,
+    MethodDefaults,
     ModelFamily,
-    drop_vae_encoder,
     shifted_anchors,
 )
 
@@ -92,74 +91,45 @@ class SD35Family(ModelFamily):
             ``t_idx``, i.e. ``shift((1000 - t_idx) / 1000)^2`` = [0, .251, .564, .811] at the anchors; the paper's SD 3.5
             numbers come from that code. ``signal_power``: ``(1 - sigma)^2`` = [0, .01, .0625, .25], the paper's
             formula.
+        anchors (list[int], optional): Anchor indices (index ``i`` is sigma ``shift((i + 1) / 1000)``) instead of the
+            reference's ``[999, 749, 499, 249]`` (the default for 4 steps).
     """
 
     name = 'sd35'
-    isg_margin = 50
+    network_class = 'SD3Transformer2DModel'
+    pipeline_class = 'StableDiffusion3Pipeline'
+    text_components = ('text_encoder', 'tokenizer', 'text_encoder_2', 'tokenizer_2', 'text_encoder_3', 'tokenizer_3')
+    # The reference SD 3.5 Large code: DMD real score CFG ~ U(3, 10), ISG teacher step CFG 5, margin 50 (Medium's
+    # U(2, 8) and U(2, 4) are set in yamls/sd35_medium.yaml).
+    defaults = MethodDefaults(dmd_guidance=(3.0, 10.0), isg_guidance=(5.0, 5.0), isg_margin=50)
+    uses_cfg = True
     adversarial_weightings = ('scheduler_sigma_squared', 'signal_power')
 
     def __init__(self, shift: float = 3.0, dmd_index_range: tuple[int, int] = (20, 980), max_sequence_length: int = 256,
-                 adversarial_weighting: str = 'scheduler_sigma_squared'):
+                 adversarial_weighting: str = 'scheduler_sigma_squared', anchors: Optional[Sequence[int]] = None):
         self.shift = shift
         self.dmd_index_range = tuple(dmd_index_range)
         self.max_sequence_length = max_sequence_length
         self._set_adversarial_weighting(adversarial_weighting)
+        self._set_anchors(anchors)
 
     # -- loading ------------------------------------------------------------------------------------------------------
 
-    def load_components(self, pretrained, torch_dtype=torch.float32, teacher_dtype=None, revision=None,
-                        text_encoders=True, vae_encoder=True, encoder_dtype=None, transformers_on_meta=False):
-        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    def make_conditioner(self, modules, max_sequence_length=None):
+        return SD35Conditioner(*(modules[name] for name in self.text_components),
+                               max_sequence_length=max_sequence_length or self.max_sequence_length)
 
-        kw = dict(revision=revision)
-        teacher_dtype = teacher_dtype or torch_dtype
-        encoder_dtype = encoder_dtype or teacher_dtype
-        teacher = self._load_transformer(SD3Transformer2DModel, pretrained, teacher_dtype, revision,
-                                         on_meta=transformers_on_meta)
-        student = copy.deepcopy(teacher).to(torch_dtype)  # on meta too when the teacher is
-        vae = self._load_vae(pretrained, encoder_dtype, revision)
-        return Components(
-            teacher=teacher,
-            student=student,
-            vae=vae if vae_encoder else drop_vae_encoder(vae),
-            conditioner=self._load_conditioner(pretrained, encoder_dtype, revision) if text_encoders else None,
-            scheduler_config=dict(FlowMatchEulerDiscreteScheduler.load_config(pretrained, subfolder='scheduler',
-                                                                              **kw)),
-        )
-
-    def _load_conditioner(self, pretrained, torch_dtype, revision):
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
-
-        kw = dict(revision=revision)
-
-        def clip(sub):
-            return CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder=sub, torch_dtype=torch_dtype, **kw)
-
-        return SD35Conditioner(
-            clip('text_encoder'), AutoTokenizer.from_pretrained(pretrained, subfolder='tokenizer', **kw),
-            clip('text_encoder_2'), AutoTokenizer.from_pretrained(pretrained, subfolder='tokenizer_2', **kw),
-            T5EncoderModel.from_pretrained(pretrained, subfolder='text_encoder_3', torch_dtype=torch_dtype, **kw),
-            AutoTokenizer.from_pretrained(pretrained, subfolder='tokenizer_3', **kw),
-            max_sequence_length=self.max_sequence_length)
-
-    def tiny_components(self, seed=0, text_encoders=True, vae_encoder=True):
+    def tiny_pipeline(self, seed=0):
         from senseflow_algos.models.tiny import build_tiny_sd3_pipeline
 
-        pipe = build_tiny_sd3_pipeline(seed=seed)
-        conditioner = SD35Conditioner(pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
-                                     pipe.text_encoder_3, pipe.tokenizer_3,
-                                     max_sequence_length=pipe.tokenizer_3.model_max_length)
-        return Components(
-            teacher=pipe.transformer,
-            student=copy.deepcopy(pipe.transformer),
-            vae=pipe.vae if vae_encoder else drop_vae_encoder(pipe.vae),
-            conditioner=conditioner if text_encoders else None,
-            scheduler_config=dict(pipe.scheduler.config),
-        )
+        return build_tiny_sd3_pipeline(seed=seed)
+
+    def _tiny_sequence_length(self, pipe):
+        return pipe.tokenizer_3.model_max_length
 
     # -- schedule -----------------------------------------------------------------------------------------------------
 
-    def anchors(self, latent_hw, num_steps=DEFAULT_NUM_STEPS):
+    def _default_anchors(self, latent_hw, num_steps=DEFAULT_NUM_STEPS):
         return shifted_anchors(lambda s: flow.shift_sigma(s, self.shift), num_steps)
 
     def index_to_sigma(self, index):
@@ -209,3 +179,27 @@ class SD35Family(ModelFamily):
     def latent_shape(self, vae, resolution):
         factor = 2**(len(vae.config.block_out_channels) - 1)
         return (vae.config.latent_channels, resolution // factor, resolution // factor)
+
+    # -- export -------------------------------------------------------------------------------------------------------
+
+    def export_scheduler(self, base_config, sigmas, latent_shape, method):
+        # StableDiffusion3Pipeline has no default sigmas for a few steps: the call passes sigmas= (pre-shift).
+        return self._flow_match_export(base_config, sigmas, method,
+                                       dict(use_dynamic_shifting=False, shift=float(self.shift)),
+                                       lambda anchors: flow.unshift_sigma(anchors, float(self.shift)))
+
+    def pipeline_call_kwargs(self, resolution, conditioner):
+        # StableDiffusion3Pipeline runs CFG when guidance_scale > 1; the student is sampled without.
+        return {**super().pipeline_call_kwargs(resolution, conditioner), 'guidance_scale': 1.0}
+
+    # -- planner ------------------------------------------------------------------------------------------------------
+
+    def planner_text_lengths(self, max_sequence_length):
+        return {'text_encoder': 77, 'text_encoder_2': 77, 'text_encoder_3': max_sequence_length}
+
+    def planner_conditioning(self, teacher_config, lengths, batch, dtype):
+        tokens = lengths['text_encoder'] + lengths['text_encoder_3']  # CLIP-L/G (77) then T5, concatenated
+        embeds = torch.empty(batch, tokens, teacher_config.joint_attention_dim, dtype=dtype, device='meta')
+        pooled = torch.empty(batch, teacher_config.pooled_projection_dim, dtype=dtype, device='meta')
+        return {'prompt_embeds': embeds, 'pooled_prompt_embeds': pooled, 'negative_prompt_embeds': torch.empty_like(embeds),
+                'negative_pooled_prompt_embeds': torch.empty_like(pooled)}

@@ -1,0 +1,123 @@
+"""The family interface: a teacher family is one module, registered by itself, named nowhere else in the code."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from senseflow_algos.models.families import FAMILIES, FluxFamily, SD35Family, get_family
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILY_DIR = ROOT / 'senseflow_algos' / 'models' / 'families'
+#: Code a family could leak into: the package and the command-line scripts.
+CODE = [*sorted((ROOT / 'senseflow_algos').rglob('*.py')), *(ROOT / n for n in ('train.py', 'export.py', 'eval.py')),
+        *sorted((ROOT / 'data_prep').glob('*.py'))]
+#: The files that name the two families the package started with, besides their own module, and why.
+FIRST_FAMILIES_ELSEWHERE = {
+    'flux': {
+        'senseflow_algos/__init__.py',  # lazy re-export of FluxFamily
+        'senseflow_algos/models/__init__.py',  # re-export
+        'senseflow_algos/models/families/__init__.py',  # re-export
+        'senseflow_algos/models/tiny.py',  # its tiny builder predates the interface (tiny_pipeline calls it)
+        'senseflow_algos/shapes/components.py',  # the shapes world is a FLUX world by design
+        'senseflow_algos/shapes/report.py',
+        'senseflow_algos/shapes/train_teacher.py',
+    },
+    'sd35': {
+        'senseflow_algos/__init__.py', 'senseflow_algos/models/__init__.py',
+        'senseflow_algos/models/families/__init__.py', 'senseflow_algos/models/tiny.py',
+    },
+}
+
+
+def _family_classes_in_files() -> dict[str, tuple[str, str]]:
+    """``name -> (module file, class)`` of every class in the families package that sets ``name = '...'``, read
+    from the source (not from the registry under test)."""
+    found = {}
+    for path in sorted(FAMILY_DIR.glob('*.py')):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                for stmt in node.body:
+                    if (isinstance(stmt, ast.Assign) and [getattr(t, 'id', None) for t in stmt.targets] == ['name']
+                            and isinstance(stmt.value, ast.Constant) and stmt.value.value):
+                        found[stmt.value.value] = (path.name, node.name)
+    return found
+
+
+def test_every_family_module_is_registered_under_its_name():
+    in_files = _family_classes_in_files()
+    assert set(FAMILIES) == set(in_files)
+    for name, (module, cls) in in_files.items():
+        assert FAMILIES[name].__name__ == cls and FAMILIES[name].__module__.endswith('.' + module[:-3])
+
+
+def _mentions(name: str, cls: type) -> set[str]:
+    """Code files that name the family: its YAML name as a string literal, its class or its module."""
+    module = cls.__module__.rsplit('.', 1)[1]
+    pattern = re.compile(rf"""(['"]){re.escape(name)}\1|\b{cls.__name__}\b|families\.{module}\b|families import .*\b"""
+                         rf'{module}\b')
+    return {str(p.relative_to(ROOT)) for p in CODE if pattern.search(p.read_text())}
+
+
+@pytest.mark.parametrize('name', sorted(FAMILIES))
+def test_a_family_touches_its_own_file_its_yamls_and_the_schema_only(name):
+    cls = FAMILIES[name]
+    own = f'senseflow_algos/models/families/{cls.__module__.rsplit(".", 1)[1]}.py'
+    allowed = {own} | FIRST_FAMILIES_ELSEWHERE.get(name, set())
+    assert _mentions(name, cls) - allowed == set(), f'{name} is named outside its module'
+    # The YAML side: the schema's enum names it, and its YAMLs select it.
+    schema = (ROOT / 'yamls' / 'schema.yaml').read_text()
+    assert re.search(rf"family: enum\([^)]*'{name}'", schema)
+    assert any(re.search(rf'^\s*family: {name}\s*$', p.read_text(), re.M) for p in (ROOT / 'yamls').rglob('*.yaml'))
+
+
+@pytest.mark.parametrize('name', sorted(FAMILIES))
+def test_interface_members_are_set(name):
+    family = get_family(name)
+    assert family.network_class and family.pipeline_class and family.text_components
+    import diffusers
+
+    for attr in ('network_class', 'vae_class', 'scheduler_class', 'pipeline_class'):
+        assert hasattr(diffusers, getattr(family, attr)), f'{name}.{attr}={getattr(family, attr)!r}'
+    lo, hi = family.defaults.dmd_guidance
+    assert 0 <= lo <= hi and family.defaults.isg_margin > 0
+
+
+# -- anchors from YAML (model.family_kwargs.anchors) ---------------------------------------------------------------
+
+def test_flux_anchor_indices_are_sigma_times_1000():
+    # FLUX's grid: sigma = t / 1000 (method notes 1.7: the reference's hard-coded [1000, 904, 759, 512]).
+    got = FluxFamily(anchors=[1000, 904, 759, 512]).anchors((128, 128), 4)
+    assert torch.equal(got, torch.tensor([1.0, 0.904, 0.759, 0.512], dtype=torch.float64))
+
+
+def test_sd35_anchor_indices_go_through_shift3():
+    # SD 3.5: sigma = shift3((i + 1) / 1000), shift3(s) = 3s / (1 + 2s); [999, 749, 499, 249] -> {1, .9, .75, .5}.
+    got = SD35Family(anchors=[999, 749, 499, 249]).anchors((128, 128), 4)
+    torch.testing.assert_close(got, torch.tensor([1.0, 0.9, 0.75, 0.5], dtype=torch.float64), atol=1e-12, rtol=0)
+    # Two steps of our own choosing: [999, 499] -> {1, .75}.
+    torch.testing.assert_close(SD35Family(anchors=[999, 499]).anchors((128, 128), 2),
+                               torch.tensor([1.0, 0.75], dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize('anchors, num_steps, message', [
+    ([1000, 904, 759], 4, 'has 3 indices but model.num_steps=4'),
+    ([1000, 759, 904, 512], 4, 'strictly descending'),
+    ([900, 750, 500, 250], 4, 'first anchor must be pure noise'),
+    ([1000, 904.5, 759, 512], 4, 'integer'),
+])
+def test_bad_anchor_indices_are_named(anchors, num_steps, message):
+    with pytest.raises(ValueError, match=message):
+        FluxFamily(anchors=anchors).anchors((128, 128), num_steps)
+
+
+def test_anchor_override_reaches_the_model_through_the_yaml_keys():
+    from senseflow_algos.models.factory import build_dmd_model
+
+    model = build_dmd_model('sd35', resolution=32, tiny=True, num_steps=2,
+                            family_kwargs={'anchors': [999, 499]})
+    torch.testing.assert_close(model.sigmas, torch.tensor([1.0, 0.75, 0.0], dtype=torch.float64), atol=1e-12, rtol=0)
