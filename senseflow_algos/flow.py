@@ -39,6 +39,8 @@ __all__ = [
     'dmd_gradient',
     'dmd_loss',
     'charbonnier',
+    'pack_latents',
+    'unpack_latents',
 ]
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -251,3 +253,21 @@ def dmd_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> 
 def charbonnier(pred: torch.Tensor, target: torch.Tensor, c: float = 1e-3) -> torch.Tensor:
     """Pseudo-Huber ``mean(sqrt((pred - target)^2 + c^2) - c)``: zero when equal, L1-like far away."""
     return (torch.sqrt((pred.float() - target.float())**2 + c * c) - c).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Latent layout
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w)`` -> ``(B, h/2 * w/2, 4C)``: 2x2 patch tokens, as FluxPipeline and QwenImagePipeline pack."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, channels: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents`."""
+    b = tokens.shape[0]
+    x = tokens.view(b, h // 2, w // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels, h, w)

@@ -10,7 +10,6 @@ import torch
 
 from senseflow_algos import flow
 from senseflow_algos.models.families import get_family
-from senseflow_algos.models.families.flux import pack_latents, unpack_latents
 from senseflow_algos.models.families.qwenimage import QWEN_SCHEDULER_CONFIG, QwenImageFamily
 
 PROMPTS = ['a red circle above a blue square', 'a star']  # different lengths: the second is padded and masked
@@ -44,9 +43,9 @@ def _one_step(pipe, x, sigma, **kwargs):
     pipe.scheduler = FlowMatchEulerDiscreteScheduler()
     pipe.set_progress_bar_config(disable=True)
     b, c, h, w = x.shape
-    out = pipe(PROMPTS, num_inference_steps=1, sigmas=[sigma], latents=pack_latents(x), height=RES, width=RES,
+    out = pipe(PROMPTS, num_inference_steps=1, sigmas=[sigma], latents=flow.pack_latents(x), height=RES, width=RES,
                output_type='latent', **kwargs).images
-    return unpack_latents(out, c, h, w)
+    return flow.unpack_latents(out, c, h, w)
 
 
 def test_conditioner_matches_the_pipeline_encode_prompt(family, pipe, cond):
@@ -135,7 +134,7 @@ def test_latents_match_the_pipeline_normalisation(family, pipe):
     p.set_progress_bar_config(disable=True)
     handle = p.transformer.register_forward_hook(lambda m, a, out: (torch.zeros_like(out[0]),))
     try:
-        theirs = p(PROMPTS, num_inference_steps=1, latents=pack_latents(lat), height=RES, width=RES,
+        theirs = p(PROMPTS, num_inference_steps=1, latents=flow.pack_latents(lat), height=RES, width=RES,
                    true_cfg_scale=1.0, output_type='pt').images
     finally:
         handle.remove()
@@ -312,3 +311,13 @@ def test_shipped_architecture_and_planner_conditioning(family):
     x = torch.empty(2, 16, 128, 128, device='meta')
     v = family.velocity(small, x, torch.full((2,), 0.5, device='meta'), cond, torch.full((2,), 4.0, device='meta'))
     assert v.shape == x.shape and v.is_meta
+
+
+def test_packing_is_the_pipeline_packing():
+    from diffusers import QwenImagePipeline
+
+    x = torch.randn(2, 4, 6, 8)
+    tokens = flow.pack_latents(x)
+    assert torch.equal(tokens, QwenImagePipeline._pack_latents(x, 2, 4, 6, 8))
+    # The pipeline unpacks to (B, C, 1, H, W) for the VAE, from the pixel size (vae_scale_factor 2 here).
+    assert torch.equal(flow.unpack_latents(tokens, 4, 6, 8), QwenImagePipeline._unpack_latents(tokens, 12, 16, 2)[:, :, 0])

@@ -147,7 +147,9 @@ def _vfm_passes(meta: MetaModel, pixels_shape, exclude) -> tuple[PassCost, PassC
             feats = backbone(torch.empty(pixels_shape, device='meta'))
     finally:
         backbone.grad_checkpointing = was
-    text = torch.empty(b, int(model.teacher.config.pooled_projection_dim), device='meta')
+    pooled_dim = getattr(model.family, 'pooled_text_dim', None)  # as VFMDiscriminator sizes its heads
+    text = torch.empty(b, int(pooled_dim(model.teacher.config) if pooled_dim else model.teacher.config.pooled_projection_dim),
+                       device='meta')
 
     def heads_pass(input_grad: bool):
         from senseflow_algos.algorithms.vfm_discriminator.losses import hinge_g_loss

@@ -31,7 +31,6 @@ from senseflow_algos.models.families.base import (
     ModelFamily,
     shifted_anchors,
 )
-from senseflow_algos.models.families.flux import pack_latents, unpack_latents
 
 __all__ = ['QWEN_SHIFT', 'QWEN_SCHEDULER_CONFIG', 'QwenImageFamily', 'QwenImageConditioner', 'tiny_qwen_tokenizer',
            'build_tiny_qwenimage_pipeline']
@@ -293,7 +292,7 @@ class QwenImageFamily(ModelFamily):
 
     def velocity(self, net, x, sigma, cond, guidance=None):
         b, c, h, w = x.shape
-        tokens = pack_latents(x).to(next(net.parameters()).dtype)
+        tokens = flow.pack_latents(x).to(next(net.parameters()).dtype)
         timestep = self._as_sigma(sigma, x)  # the pipeline's t / 1000 (the transformer casts it to its dtype)
         img_shapes = [[(1, h // 2, w // 2)]] * b
         v = self._call(net, tokens, timestep, img_shapes, cond['prompt_embeds'], cond.get('prompt_embeds_mask'))
@@ -304,7 +303,7 @@ class QwenImageFamily(ModelFamily):
             v_neg = self._call(net, tokens, timestep, img_shapes, cond['negative_prompt_embeds'],
                                cond.get('negative_prompt_embeds_mask'))
             v = true_cfg(v, v_neg, guidance.to(device=x.device, dtype=torch.float32))
-        return unpack_latents(v, c, h, w)
+        return flow.unpack_latents(v, c, h, w)
 
     def pooled_text_dim(self, teacher_config) -> int:
         """Width of ``pooled_prompt_embeds`` (the VFM discriminator's text condition): the mean-pooled prompt
@@ -378,7 +377,7 @@ class QwenImageFamily(ModelFamily):
         # QwenImagePipeline's scheduler steps on packed (B, h/2 * w/2, 4C) tokens and draws its noise in that shape
         # (its initial noise is drawn as (B, 1, C, h, w): the unpacked order, as draw(shape)).
         b, c, h, w = shape
-        return lambda: unpack_latents(draw((b, (h // 2) * (w // 2), 4 * c)), c, h, w)
+        return lambda: flow.unpack_latents(draw((b, (h // 2) * (w // 2), 4 * c)), c, h, w)
 
     # -- planner ------------------------------------------------------------------------------------------------------
 
