@@ -221,7 +221,12 @@ def model():
 def test_export_reproduces_the_in_repo_sampler(model, tmp_path, method):
     from diffusers import DiffusionPipeline
 
-    from senseflow_algos.export import EXPORT_INFO, export_pipeline, pipeline_call_kwargs
+    from senseflow_algos.export import (
+        EXPORT_INFO,
+        export_pipeline,
+        pipeline_call_kwargs,
+        sampling_components_from_pipeline,
+    )
     from senseflow_algos.sampling import sample, seeded_default_rng
 
     out = export_pipeline(model, tmp_path / 'export', method=method)
@@ -246,6 +251,9 @@ def test_export_reproduces_the_in_repo_sampler(model, tmp_path, method):
     assert (other - theirs).abs().max().item() > 1e-3
     info = json.loads((out / EXPORT_INFO).read_text())
     assert info['family'] == 'qwenimage' and len(info['anchors']) == 4
+    # The exported pipeline's modules through the in-repo sampler (what eval.py runs for exported students).
+    parts = sampling_components_from_pipeline(pipe, info)
+    assert (sample(parts, PROMPTS, rng=seeded_default_rng(0), method=method).images - ours).abs().max() <= 1e-5
 
 
 # -- training, resumed ------------------------------------------------------------------------------------------------
@@ -274,6 +282,7 @@ def test_training_with_all_algorithms_resumes_bit_identically(make_trainer, tmp_
     for term in ('dmd', 'isg', 'flow_matching', 'hinge'):
         assert any(term in k for k in keys), term
     assert any('disc' in k for k in final_a), 'the VFM discriminator heads are part of the model'
+    _export_from_checkpoint_matches_the_restored_student(tmp_path / 'a', tmp_path / 'export')
     b, rec_b = make_trainer('tiny_qwenimage', [*BASE, 'trainer.max_duration=4ba',
                                                f'trainer.load_path={tmp_path / "a" / "ep0-ba2-rank0.pt"}'])
     assert int(b.state.model.batches_seen) == 2
@@ -321,3 +330,24 @@ def test_packing_is_the_pipeline_packing():
     assert torch.equal(tokens, QwenImagePipeline._pack_latents(x, 2, 4, 6, 8))
     # The pipeline unpacks to (B, C, 1, H, W) for the VAE, from the pixel size (vae_scale_factor 2 here).
     assert torch.equal(flow.unpack_latents(tokens, 4, 6, 8), QwenImagePipeline._unpack_latents(tokens, 12, 16, 2)[:, :, 0])
+
+
+def _export_from_checkpoint_matches_the_restored_student(run_folder, out):
+    """``python export.py``'s path: the student restored from the run's last checkpoint, exported, sampled."""
+    from diffusers import DiffusionPipeline
+
+    from senseflow_algos.export import export_checkpoint, pipeline_call_kwargs
+    from senseflow_algos.restore import restore_student
+    from senseflow_algos.sampling import sample, seeded_default_rng
+    from tests.conftest import YAMLS
+
+    config, overrides = YAMLS / 'tiny_qwenimage.yaml', [*BASE, 'algorithms.vfm_discriminator=null']
+    export_checkpoint(run_folder, out, config=config, overrides=overrides, progress=False)
+    student = restore_student(run_folder, config, overrides)
+    ours = sample(student, PROMPTS, rng=seeded_default_rng(0)).images
+    pipe = DiffusionPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(PROMPTS, generator=seeded_default_rng(0), output_type='pt', **pipeline_call_kwargs(out)).images
+    diff = (ours - theirs).abs().max().item()
+    print(f'checkpoint export: max |exported - restored student| = {diff:.3g}')
+    assert diff <= 1e-5

@@ -149,8 +149,8 @@ class QwenImageConditioner(nn.Module):
     """Frozen Qwen2.5-VL prompt encoder, through ``QwenImagePipeline.encode_prompt`` (the pipeline's own code).
 
     Returns ``prompt_embeds`` ``(B, L, 3584)`` with ``prompt_embeds_mask`` ``(B, L)`` (1 on a prompt's own tokens):
-    each prompt keeps its own length after the template is dropped, and the batch is zero-padded at the end to its
-    longest prompt, as the pipeline pads. The transformer masks padded tokens out of attention (and text RoPE positions
+    each prompt keeps its own tokens (and the template's 5 closing ones) after the template's first 34 are dropped, and
+    the batch is zero-padded at the end to its longest prompt, as the pipeline pads. The transformer masks padded tokens out of attention (and text RoPE positions
     count from the start), so the image tokens' output does not depend on how far a batch is padded: precomputed
     embeddings may be padded further (to ``max_sequence_length``) with zeros and mask 0. The negative branch of the
     teacher's true CFG (``negative_prompt_embeds`` / ``negative_prompt_embeds_mask``) is the negative prompt encoded
@@ -217,10 +217,11 @@ class QwenImageFamily(ModelFamily):
       (the same class, dynamic shifting) holds unshifted sigmas at init; DMD and the fake score thus see the same
       noise levels, and ``mu`` only moves the anchors.
     * Teacher guidance: true CFG against the negative prompt ``' '`` with QwenImagePipeline's norm rescale. DMD real
-      score CFG ~ U(3, 5), around Qwen-Image's recommended ``true_cfg_scale`` 4 (the reference randomises the scale
-      around the teacher's usual value, SD 3.5 Large U(3, 10) around 3.5-7); ISG's teacher step CFG 4, the
-      recommended value (the reference uses SD 3.5 Large's 5, near its usual scale); ISG margin 20 on the t / 1000 grid,
-      as FLUX's (SD 3.5's 50 is on its pre-shift grid).
+      score CFG ~ U(3, 5), around Qwen-Image's recommended ``true_cfg_scale`` 4 (the reference redraws the scale per
+      step from a range around the teacher's usual values, U(3, 10) for SD 3.5 Large; a narrower range here, since
+      Qwen-Image's norm rescale already tames large scales and no run says more); ISG's teacher step at the
+      recommended 4 (the reference's SD 3.5 Large uses a fixed 5); ISG margin 20 on the t / 1000 grid, as FLUX's (SD
+      3.5's 50 is on its pre-shift grid).
     * GAN weighting: ``signal_power`` ``(1 - sigma)^2`` (the paper's alpha_t^2, used by the reference for FLUX, whose
       shifted anchors Qwen-Image's resemble); SD 3.5's ``scheduler.sigmas[t]^2`` is a quirk of its static-shift index
       grid. At the 1024 anchors it is [0, .020, .111, .360].
@@ -291,6 +292,12 @@ class QwenImageFamily(ModelFamily):
     # -- networks -----------------------------------------------------------------------------------------------------
 
     def velocity(self, net, x, sigma, cond, guidance=None):
+        """See :meth:`ModelFamily.velocity`; ``guidance`` is the per-sample true-CFG scale.
+
+        Two calls, conditional then negative, as QwenImagePipeline makes them (each branch with its own length and
+        mask, no padding between them), combined by :func:`true_cfg` in float32 (the pipeline combines in the
+        transformer's dtype: the same in fp32, within bf16 rounding in bf16).
+        """
         b, c, h, w = x.shape
         tokens = flow.pack_latents(x).to(next(net.parameters()).dtype)
         timestep = self._as_sigma(sigma, x)  # the pipeline's t / 1000 (the transformer casts it to its dtype)
