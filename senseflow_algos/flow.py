@@ -46,6 +46,8 @@ __all__ = [
     'x0_from_epsilon',
     'velocity_from_epsilon',
     'epsilon_from_velocity',
+    'pack_latents',
+    'unpack_latents',
 ]
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -341,3 +343,21 @@ def epsilon_from_velocity(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor 
     """Inverse of :func:`velocity_from_epsilon`: ``eps = (c x - sqrt(ab) x0) / sqrt(1 - ab)`` with ``x0 = x - s v``."""
     ab, c = _ddpm_terms(x, sigma, alpha_bar, scale)
     return (c * x - ab.sqrt() * x0_from_velocity(x, v, sigma)) / (1 - ab).sqrt()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Latent layout
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w)`` -> ``(B, h/2 * w/2, 4C)``: 2x2 patch tokens, as FluxPipeline and QwenImagePipeline pack."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, channels: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents`."""
+    b = tokens.shape[0]
+    x = tokens.view(b, h // 2, w // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels, h, w)

@@ -19,6 +19,8 @@ def _teacher_pipeline(model):
 
     c = model.conditioner
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
+    if model.family.name == 'qwenimage':  # the generic pipeline assembly (its teacher is its own base: no overrides)
+        return model.family.build_pipeline(model.teacher, model.vae, model.conditioner, scheduler)
     if model.family.name == 'flux':
         return diffusers.FluxPipeline(scheduler=scheduler, vae=model.vae, text_encoder=c.text_encoder,
                                       tokenizer=c.tokenizer, text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2,
@@ -29,7 +31,7 @@ def _teacher_pipeline(model):
         text_encoder_3=c.text_encoder_3, tokenizer_3=c.tokenizer_3)
 
 
-@pytest.fixture(scope='module', params=['flux', 'sd35'])
+@pytest.fixture(scope='module', params=['flux', 'sd35', 'qwenimage'])
 def exported(request, tmp_path_factory):
     from senseflow_algos.builders import build_trainer
     from senseflow_algos.config import load_config, validate_config

@@ -39,11 +39,6 @@ GENERATOR_PHASE = Phase(TrainingPhase.GENERATOR, ('generator',))
 #: The critic phase (fake score and discriminator heads) and the roles it updates.
 CRITIC_PHASE = Phase(TrainingPhase.CRITIC, ('fake_score', 'discriminator'))
 
-#: Batch keys that carry precomputed conditioning.
-CONDITIONING_KEYS = ('prompt_embeds', 'pooled_prompt_embeds', 'negative_prompt_embeds',
-                     'negative_pooled_prompt_embeds')
-
-
 def sample_uniform(bounds: Sequence[float], n: int, rng: torch.Generator) -> torch.Tensor:
     """``n`` draws from U(lo, hi) (float32, on ``rng``'s device); ``lo == hi`` gives a constant."""
     lo, hi = float(bounds[0]), float(bounds[1])
@@ -200,7 +195,7 @@ class DMDModel(ComposerModel):
     def conditioning(self, batch: dict[str, Any]) -> Conditioning:
         """Precomputed embeddings from the batch if present, else the frozen text encoders on ``batch['prompt']``."""
         if 'prompt_embeds' in batch:
-            cond = {k: batch[k] for k in CONDITIONING_KEYS if k in batch}
+            cond = {k: batch[k] for k in self._conditioning_shapes() if k in batch}
             self._check_embeddings(cond)
             return cond
         if self.conditioner is None:
@@ -211,20 +206,25 @@ class DMDModel(ComposerModel):
             raise KeyError(f"batch has neither 'prompt' nor precomputed 'prompt_embeds' (keys: {sorted(batch)})")
         return self.conditioner(list(batch['prompt']))
 
+    def _conditioning_shapes(self) -> Conditioning:
+        """The family's conditioning for one prompt on the meta device: the keys a batch may carry precomputed and
+        their shapes (:meth:`~senseflow_algos.models.families.ModelFamily.planner_conditioning`)."""
+        family = self.family
+        lengths = family.planner_text_lengths(family.max_sequence_length)
+        return family.planner_conditioning(self.teacher.config, lengths, 1, torch.float32)
+
     def _check_embeddings(self, cond: Conditioning) -> None:
-        """Precomputed embeddings must fit the teacher (``joint_attention_dim``, ``pooled_projection_dim``)."""
-        config = self.teacher.config
-        expected = {'prompt_embeds': getattr(config, 'joint_attention_dim', None),
-                    'negative_prompt_embeds': getattr(config, 'joint_attention_dim', None),
-                    'pooled_prompt_embeds': getattr(config, 'pooled_projection_dim', None),
-                    'negative_pooled_prompt_embeds': getattr(config, 'pooled_projection_dim', None)}
-        for key, value in cond.items():
-            dim = expected.get(key)
-            ndim = 3 if key.endswith('prompt_embeds') and 'pooled' not in key else 2
-            if dim is not None and (value.ndim != ndim or value.shape[-1] != dim):
+        """Precomputed embeddings must fit the teacher: the rank and (but for masks and token counts) the width of
+        each tensor the family's conditioning has."""
+        for key, want in self._conditioning_shapes().items():
+            value = cond.get(key)
+            if value is None:
+                continue
+            width_fits = key.endswith('_mask') or value.shape[-1] == want.shape[-1]
+            if value.ndim != want.ndim or not width_fits:
+                shape = ', '.join(['batch', *(['tokens'] if want.ndim == 3 else []), str(want.shape[-1])])
                 raise ValueError(f'precomputed {key} has shape {tuple(value.shape)} but the {self.family.name} '
-                                 f'teacher takes (batch, {"tokens, " if ndim == 3 else ""}{dim}): the data was '
-                                 'precomputed for another family or model')
+                                 f'teacher takes ({shape}): the data was precomputed for another family or model')
         if 'pooled_prompt_embeds' not in cond:
             raise KeyError("precomputed conditioning has 'prompt_embeds' but no 'pooled_prompt_embeds'")
 

@@ -121,8 +121,9 @@ def measure_passes(meta: MetaModel, settings: RunSettings, batch: int) -> PassCo
         for name, length in text_lengths(meta, settings).items():
             encoder = getattr(model.conditioner, name)
             ids = torch.zeros(b, length, dtype=torch.long, device='meta')
-            costs.text_encoders[name] = measure_pass(lambda encoder=encoder, ids=ids: encoder(ids)[0], False,
-                                                     exclude)
+            with _meta_autocast_off():
+                costs.text_encoders[name] = measure_pass(lambda encoder=encoder, ids=ids: encoder(ids)[0], False,
+                                                         exclude)
     return costs
 
 
@@ -159,3 +160,29 @@ def _vfm_passes(meta: MetaModel, pixels_shape, exclude) -> tuple[PassCost, PassC
 
     return (backbone_cost, measure_pass(heads_pass(True), True, exclude),
             measure_pass(heads_pass(False), True, exclude))
+
+
+@contextlib.contextmanager
+def _meta_autocast_off():
+    """``torch.autocast(device_type='meta', enabled=False)`` as a no-op inside the block: torch has no autocast dtype
+    for the meta device and raises, while a disabled autocast changes nothing (Qwen2.5-VL's rotary embedding opens
+    one around its cos / sin)."""
+    real = torch.autocast
+
+    class _Autocast(real):
+        def __init__(self, device_type, *args, **kwargs):
+            self._noop = device_type == 'meta'
+            if not self._noop:
+                super().__init__(device_type, *args, **kwargs)
+
+        def __enter__(self):
+            return None if self._noop else super().__enter__()
+
+        def __exit__(self, *exc):
+            return None if self._noop else super().__exit__(*exc)
+
+    torch.autocast = _Autocast
+    try:
+        yield
+    finally:
+        torch.autocast = real

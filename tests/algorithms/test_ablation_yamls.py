@@ -15,8 +15,8 @@ EXPECTED = {
     'dmd_ida_isg': {'ImplicitDistributionAlignment', 'IntraSegmentGuidance'},
     'senseflow': {'ImplicitDistributionAlignment', 'IntraSegmentGuidance', 'VFMDiscriminator'},
 }
-# The FLUX and SDXL ablations run on their family's tiny models (same classes) on synthetic data with a tiny random
-# ViT instead of DINOv2-L.
+# The FLUX, SDXL and Qwen-Image ablations run on their family's tiny models (same classes) on synthetic data
+# with a tiny random ViT instead of DINOv2-L.
 TINY_OVERRIDES = [
     'model.tiny=true', 'model.resolution=32', 'model.dtype=fp32', 'model.teacher_dtype=fp32', 'trainer.device=cpu',
     'trainer.precision=fp32', 'trainer.autoresume=false', 'trainer.parallelism_config=null', 'dataset.global_batch_size=2',
@@ -37,7 +37,7 @@ def _variant(path) -> str:
 
 def test_four_ablations_per_base():
     bases = {p.stem[:-len(_variant(p)) - 1] for p in ABLATIONS}
-    assert bases == {'flux', 'tiny_flux', 'tiny_sd35', 'sdxl', 'tiny_sdxl'}
+    assert bases == {'flux', 'tiny_flux', 'tiny_sd35', 'sdxl', 'tiny_sdxl', 'qwenimage', 'tiny_qwenimage'}
     assert len(ABLATIONS) == 4 * len(bases)
 
 

@@ -38,6 +38,8 @@ PUBLISHED = [
     ('sd35-large', 'text_encoder_2', 695e6, False),  # OpenCLIP bigG text + projection
     ('flux1-dev', 'vae', 83.8e6, False),
     ('sd35-medium', 'vae', 83.8e6, False),
+    ('qwen-image', 'transformer', 20.43e9, False),  # Qwen/Qwen-Image: 40.86 GB of bf16 safetensors
+    ('qwen-image', 'text_encoder', 8.29e9, False),  # Qwen2.5-VL-7B-Instruct (language model + vision tower)
 ]
 
 

@@ -19,18 +19,8 @@ from senseflow_algos.models.families.base import (
 __all__ = ['FluxFamily', 'FluxConditioner', 'without_guidance_embedding', 'pack_latents', 'unpack_latents']
 
 
-def pack_latents(x: torch.Tensor) -> torch.Tensor:
-    """``(B, C, h, w)`` -> ``(B, h/2 * w/2, 4C)``: FLUX's 2x2 patch tokens."""
-    b, c, h, w = x.shape
-    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(tokens: torch.Tensor, channels: int, h: int, w: int) -> torch.Tensor:
-    """Inverse of :func:`pack_latents`."""
-    b = tokens.shape[0]
-    x = tokens.view(b, h // 2, w // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, channels, h, w)
+#: FLUX's 2x2 patch tokens (:func:`senseflow_algos.flow.pack_latents`); kept importable from here.
+pack_latents, unpack_latents = flow.pack_latents, flow.unpack_latents
 
 
 def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
