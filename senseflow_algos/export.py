@@ -231,7 +231,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f'error: {e}', file=sys.stderr)
         return 2
     call = pipeline_call_kwargs(folder)
+    load = ''.join(f', {k}={v!r}' for k, v in load_export_info(folder).get('load_kwargs', {}).items())
     print(f'exported to {folder}\n'
-          f'  pipe = DiffusionPipeline.from_pretrained({str(folder)!r})\n'
+          f'  pipe = DiffusionPipeline.from_pretrained({str(folder)!r}{load})\n'
           f'  pipe(prompt, generator=seeded_default_rng(0), **{call})')
     return 0

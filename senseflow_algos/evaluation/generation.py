@@ -197,9 +197,10 @@ def open_source(path: str | Path, name: str, *, method: Optional[str] = None, co
     if not uri and _is_pipeline_folder(path):
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype).to(device)
-        if (path / EXPORT_INFO).is_file():
-            info = load_export_info(path)
+        info = load_export_info(path) if (path / EXPORT_INFO).is_file() else None
+        load_kwargs = (info or {}).get('load_kwargs', {})  # e.g. SDXL: no invisible watermark on the samples
+        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype, **load_kwargs).to(device)
+        if info is not None:
             parts = sampling_components_from_pipeline(pipe, info)
             return SamplerSource(name, parts, method or info['sampler'],
                                  {'kind': 'senseflow-export', 'path': str(path.resolve())})
