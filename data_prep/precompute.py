@@ -254,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         barrier()  # process group first: StreamingDataset synchronises its ranks through it
     if args.batch_size < 1:
         raise SystemExit('error: --batch-size must be >= 1')
+    if not FAMILIES[args.family].precomputable_conditioning:
+        raise SystemExit(f'error: --family {args.family}: its prompt embeddings have a length per prompt (with a mask), '
+                         'which this tool does not store yet; train it with dataset.kind=image_caption (encoded online)')
     pre = Precomputer(args)
     state = dict(pre.metadata(), tool='precompute', input_fingerprint=pre.input_fingerprint(),
                  embed_dtype=args.embed_dtype)

@@ -121,3 +121,42 @@ def test_anchor_override_reaches_the_model_through_the_yaml_keys():
     model = build_dmd_model('sd35', resolution=32, tiny=True, num_steps=2,
                             family_kwargs={'anchors': [999, 499]})
     torch.testing.assert_close(model.sigmas, torch.tensor([1.0, 0.75, 0.0], dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+# -- precomputed conditioning -------------------------------------------------------------------------------------
+
+def test_a_family_with_per_prompt_lengths_refuses_precomputed_data(tmp_path):
+    from senseflow_algos.checks.training_data import check_training_data
+    from senseflow_algos.config import ConfigError
+
+    assert FAMILIES['qwenimage'].precomputable_conditioning is False
+    cfg = {'model': {'family': 'qwenimage'}, 'dataset': {'kind': 'precomputed', 'remote': str(tmp_path)}}
+    with pytest.raises(ConfigError, match='dataset.kind=precomputed cannot train model.family=qwenimage'):
+        check_training_data(cfg, 'x.yaml')
+
+
+def test_precompute_tool_refuses_such_a_family():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / 'data_prep' / 'precompute.py'), '--input', '/nonexistent',
+                          '--out', '/nonexistent-out', '--family', 'qwenimage', '--tiny', '--resolution', '32'],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode != 0 and '--family qwenimage: its prompt embeddings have a length per prompt' in out.stderr
+
+
+@pytest.mark.parametrize('name', ['flux', 'sd35', 'sdxl'])
+def test_precomputed_embeddings_of_another_family_are_named(name):
+    # The check reads the family's own conditioning shapes: a FLUX batch (T5 4096 wide, pooled 768) fed to a model of
+    # another family, or another family's batch fed to FLUX, is refused naming the key.
+    from senseflow_algos.models.factory import build_dmd_model
+
+    model = build_dmd_model(name, resolution=32, tiny=True, text_encoders=False)
+    other = 'sd35' if name == 'flux' else 'flux'
+    shapes = build_dmd_model(other, resolution=32, tiny=True, text_encoders=False)._conditioning_shapes()
+    batch = {k: torch.zeros(2, *v.shape[1:]) for k, v in shapes.items()}
+    mine = model._conditioning_shapes()
+    if all(batch[k].shape[-1] == mine[k].shape[-1] for k in batch if k in mine):
+        pytest.skip(f'the tiny {name} and {other} models happen to have the same widths')
+    with pytest.raises(ValueError, match=f'but the {name} teacher takes'):
+        model.conditioning(batch)

@@ -63,6 +63,14 @@ def check_training_data(cfg: dict[str, Any], source: str) -> None:
             print(f'warning: {source}: dataset.kind=synthetic trains on the built-in coloured squares, not on real '
                   'data (meant for the tiny test configs)', file=sys.stderr)
         return
+    if kind == 'precomputed':
+        from senseflow_algos.models.families import FAMILIES
+
+        family = FAMILIES.get(model.get('family'))
+        if family is not None and not family.precomputable_conditioning:
+            raise ConfigError(f'{source}: dataset.kind=precomputed cannot train model.family={family.name}: its prompt '
+                              'embeddings have a length per prompt (with a mask), which data_prep/precompute.py does '
+                              'not store yet; train with dataset.kind=image_caption (encoded online)')
     streams = dataset.get('streams') or []
     if not streams and not dataset.get('remote') and not dataset.get('local'):
         raise ConfigError(f'{source}: dataset.remote is not set. dataset.kind={kind} trains from a MosaicML Streaming '

@@ -112,6 +112,9 @@ class ModelFamily(abc.ABC):
     uses_cfg: bool = False
     #: Config overrides of the teacher's network that make the base of a LoRA export (FLUX drops guidance).
     lora_base_overrides: dict[str, Any] = {}
+    #: Its conditioning has a fixed shape per prompt, so it can be precomputed into MDS columns
+    #: (``data_prep/precompute.py``, ``dataset.kind: precomputed``); not where prompts have their own lengths and masks.
+    precomputable_conditioning: bool = True
     #: Prompt tokens of the long text encoder (families set it in ``__init__``).
     max_sequence_length: int = 512
     #: Anchor indices given in YAML (``model.family_kwargs.anchors``); ``None``: the family's default anchors.

@@ -236,6 +236,8 @@ class QwenImageFamily(ModelFamily):
     """
 
     name = 'qwenimage'
+    # Prompt embeddings are as long as each prompt (with a mask), padded per batch: no fixed MDS column shape yet.
+    precomputable_conditioning = False
     network_class = 'QwenImageTransformer2DModel'
     vae_class = 'AutoencoderKLQwenImage'
     pipeline_class = 'QwenImagePipeline'
