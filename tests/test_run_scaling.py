@@ -25,6 +25,7 @@ PAPER = {  # config -> (iterations = batches of 8, lr)
     'yamls/flux.yaml': (12000, 1e-5),
     'yamls/sd35_large.yaml': (27000, 1e-6),
     'yamls/sd35_medium.yaml': (27000, 1e-6),
+    'yamls/sdxl.yaml': (18000, 1e-6),  # the paper's 18k SDXL iterations, the reference SDXL config's lr
     'yamls/qwenimage.yaml': (12000, 1e-6),  # no paper run: qwenimage.yaml's reasoned schedule (FLUX's count, SD 3.5's lr)
 }
 PAPER_SAVE_EVERY = 500
