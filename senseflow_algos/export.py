@@ -44,6 +44,7 @@ __all__ = [
     'export_checkpoint',
     'load_export_info',
     'pipeline_call_kwargs',
+    'sampling_command',
     'sampling_components_from_pipeline',
     'main',
 ]
@@ -180,6 +181,20 @@ def pipeline_call_kwargs(folder: str | Path) -> dict[str, Any]:
     return dict(load_export_info(folder)['call_kwargs'])
 
 
+def sampling_command(folder: str | Path, prompt: str = 'a red circle above a blue square',
+                     image: str = 'student.png') -> str:
+    """One shell line that samples the exported student correctly (its ``load_kwargs`` and ``call_kwargs``, the seeded
+    global generator) and saves ``image``: what ``python export.py`` and the export callback print last."""
+    folder = str(folder)
+    load = ''.join(f', {k}={v!r}' for k, v in load_export_info(folder).get('load_kwargs', {}).items())
+    code = (f'from diffusers import DiffusionPipeline; from senseflow_algos.export import pipeline_call_kwargs; '
+            f'from senseflow_algos.sampling import seeded_default_rng; '
+            f'pipe = DiffusionPipeline.from_pretrained({folder!r}{load}); '
+            f'pipe({prompt!r}, generator=seeded_default_rng(0), **pipeline_call_kwargs({folder!r}))'
+            f'.images[0].save({image!r})')
+    return f'python -c "{code}"'
+
+
 def sampling_components_from_pipeline(pipe, info: dict[str, Any]) -> SamplingComponents:
     """:class:`~senseflow_algos.sampling.SamplingComponents` on the modules of a loaded exported pipeline.
 
@@ -230,9 +245,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ExportError, ConfigError, CheckpointError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    call = pipeline_call_kwargs(folder)
-    load = ''.join(f', {k}={v!r}' for k, v in load_export_info(folder).get('load_kwargs', {}).items())
-    print(f'exported to {folder}\n'
-          f'  pipe = DiffusionPipeline.from_pretrained({str(folder)!r}{load})\n'
-          f'  pipe(prompt, generator=seeded_default_rng(0), **{call})')
+    print(f'exported to {folder} (call arguments: {pipeline_call_kwargs(folder)}); sample it with:\n'
+          f'{sampling_command(folder)}')
     return 0

@@ -215,3 +215,29 @@ def test_export_errors_name_the_problem(run, tmp_path):
         with pytest.raises(CheckpointError, match='do not fit'):
             restore_student(run['folder'], _yaml('flux'), ['trainer.progress_bar=false'])
     assert main([str(tmp_path / 'nope.pt'), str(tmp_path / 'out')]) == 2
+
+
+def test_the_printed_sampling_command_samples_like_the_in_repo_sampler(run, tmp_path, capsys):
+    # The line the export callback and export.py print, run as a user would (a new process), saves the image the
+    # pipeline makes with the exported call arguments.
+    import shlex
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from senseflow_algos.export import sampling_command
+
+    folder = run['folder'] / 'export'
+    line = sampling_command(folder, prompt=PROMPTS[0], image=str(tmp_path / 'student.png'))
+    argv = shlex.split(line)
+    assert argv[:2] == ['python', '-c']
+    subprocess.run([sys.executable, '-c', argv[2]], check=True, cwd=tmp_path)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    want = pipe(PROMPTS[0], generator=seeded_default_rng(0), **pipeline_call_kwargs(folder)).images[0]
+    got = Image.open(tmp_path / 'student.png')
+    assert got.size == (run['trainer'].state.model.resolution,) * 2  # the training size, not the pipeline default
+    assert np.array_equal(np.asarray(got.convert('RGB')), np.asarray(want.convert('RGB')))

@@ -90,7 +90,7 @@ class ExportPipeline(Callback):
         self.exported: Optional[Path] = None
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        from senseflow_algos.export import export_pipeline
+        from senseflow_algos.export import export_pipeline, sampling_command
         from senseflow_algos.restore import StudentParts
 
         model = get_dmd_model(state, 'callbacks.export_pipeline')
@@ -111,4 +111,7 @@ class ExportPipeline(Callback):
             self.exported = export_pipeline(student, folder, method=self.method, dtype=self.dtype, bare=self.bare,
                                             source=source)
             log.info('exported the student to %s', self.exported)
+            print(f'\nThe student is exported to {self.exported}. Sample it (its resolution, prompt length, steps and '
+                  f'sampler are in senseflow_export.json; a bare pipe(prompt) is not the trained call):\n'
+                  f'{sampling_command(self.exported)}', flush=True)
         dist.barrier()
