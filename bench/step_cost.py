@@ -69,6 +69,7 @@ def minimum_passes(draws: list[tuple[bool, int]], precomputed: bool, text_encode
     """(forwards, backwards) per network that one TTUR cycle needs: 1 generator batch + GEN_EVERY - 1 critic batches.
 
     ``text_encoders``: how many the family runs per prompt; ``cfg``: its teacher evaluates two branches per query.
+    A CFG teacher's constant unconditional prompt is encoded once per run (:func:`constant_prompt_encodings`).
     """
     backsim_calls = sum(k for backsim, k in draws if backsim)
     real_batches = sum(1 for backsim, _ in draws if not backsim)
@@ -83,6 +84,15 @@ def minimum_passes(draws: list[tuple[bool, int]], precomputed: bool, text_encode
         'vfm_backbone': (4 + 3 * (n - 1), 1),  # reference once per batch, fake (x2 on the generator batch), real
         'vfm_heads': (3 + 2 * (n - 1), 1 + 2 * n),
     }
+
+
+def constant_prompt_encodings(conditioner) -> int:
+    """1 when the conditioner encodes a constant unconditional prompt (SD 3.5's empty, Qwen-Image's negative prompt)
+    once per run through a :class:`~senseflow_algos.models.families.base.ConstantPromptCache`, else 0 (SDXL's
+    unconditional embeddings are zeros; FLUX has none)."""
+    from senseflow_algos.models.families.base import ConstantPromptCache
+
+    return int(any(isinstance(v, ConstantPromptCache) for v in vars(conditioner).values()))
 
 
 def run(config: Path, precomputed: bool, cycles: int) -> dict:
@@ -124,6 +134,8 @@ def run(config: Path, precomputed: bool, cycles: int) -> dict:
         for k, (f, b) in minimum_passes(draws, precomputed, len(encoders), model.family.uses_cfg).items():
             minimum[(k, 'f')] += f / cycles
             minimum[(k, 'b')] += b / cycles
+    if not precomputed:  # the unconditional prompt's one encoding per run, spread over the cycles
+        minimum[('text_encoders', 'f')] += len(encoders) * constant_prompt_encodings(cond) / cycles
     expected = {k: (minimum[(k, 'f')], minimum[(k, 'b')]) for k in measured}
     return {'family': model.family.name, 'seconds_per_generator_update': seconds / cycles, 'passes': measured,
             'minimum': expected, 'equal_to_minimum': all(abs(a - b) < 1e-9 for k in measured

@@ -160,3 +160,50 @@ def test_precomputed_embeddings_of_another_family_are_named(name):
         pytest.skip(f'the tiny {name} and {other} models happen to have the same widths')
     with pytest.raises(ValueError, match=f'but the {name} teacher takes'):
         model.conditioning(batch)
+
+
+# -- the CFG teachers' constant unconditional prompt is encoded once ----------------------------------------------
+
+def _count_forwards(module):
+    calls = []
+    module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_sd35_empty_prompt_is_encoded_once_and_equals_the_pipelines_negative_branch():
+    from diffusers import StableDiffusion3Pipeline
+
+    family = get_family('sd35')
+    pipe = family.tiny_pipeline(seed=0)
+    conditioner = family.conditioner_from_pipeline(pipe, 77)
+    calls = _count_forwards(conditioner.text_encoder_3)
+    prompts = ['a red circle above a blue square', 'a small green star', 'two yellow triangles']
+    first, second = conditioner(prompts), conditioner(prompts[:2])
+    assert len(calls) == 3  # the prompts twice, the empty prompt once
+    ref = StableDiffusion3Pipeline(transformer=None, scheduler=None, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                                   tokenizer=pipe.tokenizer, text_encoder_2=pipe.text_encoder_2,
+                                   tokenizer_2=pipe.tokenizer_2, text_encoder_3=pipe.text_encoder_3,
+                                   tokenizer_3=pipe.tokenizer_3)
+    embeds, neg, pooled, neg_pooled = ref.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=True,
+                                                        negative_prompt='', max_sequence_length=77)
+    torch.testing.assert_close(first['prompt_embeds'], embeds, rtol=0, atol=0)
+    torch.testing.assert_close(first['pooled_prompt_embeds'], pooled, rtol=0, atol=0)
+    torch.testing.assert_close(first['negative_prompt_embeds'], neg, rtol=0, atol=1e-6)
+    torch.testing.assert_close(first['negative_pooled_prompt_embeds'], neg_pooled, rtol=0, atol=1e-6)
+    assert second['negative_prompt_embeds'].shape[0] == 2
+
+
+def test_qwenimage_negative_prompt_is_encoded_once_and_equals_the_pipelines():
+    from diffusers import QwenImagePipeline
+
+    family = get_family('qwenimage')
+    pipe = family.tiny_pipeline(seed=0)
+    conditioner = family.conditioner_from_pipeline(pipe)
+    calls = _count_forwards(conditioner.text_encoder)
+    prompts = ['a red circle above a blue square', 'a small green star']
+    first, _ = conditioner(prompts), conditioner(prompts)
+    assert len(calls) == 3
+    ref = QwenImagePipeline(scheduler=None, vae=None, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                            transformer=None)
+    neg, _ = ref.encode_prompt([' '] * 2, max_sequence_length=conditioner.max_sequence_length)
+    torch.testing.assert_close(first['negative_prompt_embeds'], neg, rtol=0, atol=1e-6)

@@ -62,20 +62,21 @@ def _vfm_defaults() -> dict:
     return defaults_of(VFMDiscriminator)
 
 
-def cycle_passes(settings: RunSettings, draws: Sequence[Draw], online_images: bool, sd3: bool,
-                 has_vfm: bool) -> CyclePasses:
+def cycle_passes(settings: RunSettings, draws: Sequence[Draw], online_images: bool, has_vfm: bool) -> CyclePasses:
     """Pass counts of one cycle for the given draws (one per batch; the first batch is the generator batch).
+
+    The text encoders run once per batch on its prompts; a CFG teacher's constant unconditional prompt is encoded
+    once per run (``ConstantPromptCache``), which no cycle pays.
 
     ``has_vfm``: the VFM discriminator is on; its generator term (decode, backbone and heads with gradient to the
     generator) runs only with ``generator_weight > 0``.
     """
     vfm_generator = has_vfm and float({**_vfm_defaults(), **(settings.vfm or {})}['generator_weight']) > 0
     passes = CyclePasses()
-    text_calls = 2 if sd3 else 1  # SD 3.5 also encodes the empty prompt of its CFG branch
     for i, draw in enumerate(draws):
         generator_batch = i == 0
         if settings.text_encoders and not settings.precomputed:
-            passes.add('text_encoders', text_calls)
+            passes.add('text_encoders', 1)
         backsim = draw.weight if draw.backsim else 0.0
         passes.add('generator', backsim * draw.k)
         if online_images:

@@ -272,7 +272,7 @@ def plan_run(cfg: dict[str, Any], hardware: Hardware, cache: Optional[PlanCache]
     costs = cache.passes[pkey]
     ckpt = checkpointed_networks(settings, meta)
     passes = cycle_passes(settings, expected_draws(settings, meta.model.num_anchors), online_images and
-                          settings.vae_encoder, meta.model.family.uses_cfg, meta.vfm is not None)
+                          settings.vae_encoder, meta.vfm is not None)
     flops = cycle_flops(passes, costs, ckpt)
     gpu = gpu_memory(meta, settings, sharding, nets, costs, world)
     host = host_memory(meta, settings, sharding, world, hw.gpus_per_node)

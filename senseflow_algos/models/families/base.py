@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ['Components', 'ModelFamily', 'MethodDefaults', 'SchedulerExport', 'Conditioning', 'ExportError', 'UNIFORM_ANCHORS',
+__all__ = ['Components', 'ModelFamily', 'MethodDefaults', 'SchedulerExport', 'ConstantPromptCache', 'Conditioning', 'ExportError', 'UNIFORM_ANCHORS',
            'DEFAULT_NUM_STEPS', 'drop_vae_encoder']
 
 #: Student sampling steps (= anchors) when none are named: the paper's 4.
@@ -74,6 +74,26 @@ class MethodDefaults:
 
 class ExportError(ValueError):
     """An export that cannot proceed; the message names the file, key or value at fault."""
+
+
+class ConstantPromptCache:
+    """The encoding of a prompt that never changes (a CFG teacher's empty or negative prompt), made once per device and
+    dtype and expanded to each batch, instead of re-running the text encoders on it every batch.
+
+    The text encoders are frozen and kept out of checkpoints, so the encoding cannot go stale.
+    """
+
+    def __init__(self):
+        self._cache: dict[tuple[str, torch.dtype], Conditioning] = {}
+
+    def get(self, encoder: nn.Module, encode: Callable[[], Conditioning], batch: int) -> Conditioning:
+        """``encode()`` (a batch of one) the first time for ``encoder``'s device and dtype, then from the cache;
+        expanded to ``batch`` rows."""
+        param = next(encoder.parameters())
+        key = (str(param.device), param.dtype)
+        if key not in self._cache:
+            self._cache[key] = {k: v.detach() for k, v in encode().items()}
+        return {k: v.expand(batch, *v.shape[1:]) for k, v in self._cache[key].items()}
 
 
 def drop_vae_encoder(vae: nn.Module) -> nn.Module:

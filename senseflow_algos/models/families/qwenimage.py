@@ -26,6 +26,7 @@ from senseflow_algos import flow
 from senseflow_algos.models.families.base import (
     DEFAULT_NUM_STEPS,
     Conditioning,
+    ConstantPromptCache,
     ExportError,
     MethodDefaults,
     ModelFamily,
@@ -174,6 +175,7 @@ class QwenImageConditioner(nn.Module):
         self.tokenizer = tokenizer
         self.max_sequence_length = int(max_sequence_length)
         self.negative_prompt = negative_prompt
+        self._negative = ConstantPromptCache()  # the negative prompt is encoded once, not every batch
 
     def _encode(self, pipe, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, mask = pipe.encode_prompt(prompts, device=device, max_sequence_length=self.max_sequence_length)
@@ -190,11 +192,15 @@ class QwenImageConditioner(nn.Module):
         prompts = list(prompts)
         device = next(self.text_encoder.parameters()).device
         embeds, mask = self._encode(pipe, prompts, device)
-        neg, neg_mask = self._encode(pipe, [self.negative_prompt] * len(prompts), device)
         weights = mask.to(embeds.dtype).unsqueeze(-1)
         pooled = (embeds * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+        def negative() -> Conditioning:
+            neg, neg_mask = self._encode(pipe, [self.negative_prompt], device)
+            return {'negative_prompt_embeds': neg, 'negative_prompt_embeds_mask': neg_mask}
+
         return {'prompt_embeds': embeds, 'prompt_embeds_mask': mask, 'pooled_prompt_embeds': pooled,
-                'negative_prompt_embeds': neg, 'negative_prompt_embeds_mask': neg_mask}
+                **self._negative.get(self.text_encoder, negative, len(prompts))}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

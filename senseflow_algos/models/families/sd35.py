@@ -11,6 +11,7 @@ from senseflow_algos import flow
 from senseflow_algos.models.families.base import (
     DEFAULT_NUM_STEPS,
     Conditioning,
+    ConstantPromptCache,
     MethodDefaults,
     ModelFamily,
     shifted_anchors,
@@ -60,22 +61,34 @@ class SD35Conditioner(torch.nn.Module):
         self.text_encoder_3 = text_encoder_3.requires_grad_(False)
         self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizer, tokenizer_2, tokenizer_3
         self.max_sequence_length = max_sequence_length
+        self._empty = ConstantPromptCache()  # the empty prompt is encoded once, not every batch
 
-    @torch.no_grad()
-    def forward(self, prompts: list[str]) -> Conditioning:
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         from diffusers import StableDiffusion3Pipeline
 
         pipe = StableDiffusion3Pipeline(
             transformer=None, scheduler=None, vae=None, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
             text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2, text_encoder_3=self.text_encoder_3,
             tokenizer_3=self.tokenizer_3)
-        prompts = list(prompts)
         device = next(self.text_encoder.parameters()).device
-        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
-            prompts, prompts, prompts, device=device, do_classifier_free_guidance=True, negative_prompt='',
-            max_sequence_length=self.max_sequence_length)
-        return {'prompt_embeds': embeds, 'pooled_prompt_embeds': pooled, 'negative_prompt_embeds': neg,
-                'negative_pooled_prompt_embeds': neg_pooled}
+        # Without CFG encode_prompt encodes the prompts alone; with negative_prompt='' it builds the negative branch
+        # the same way from ''.
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=device,
+                                                  do_classifier_free_guidance=False,
+                                                  max_sequence_length=self.max_sequence_length)
+        return embeds, pooled
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> Conditioning:
+        prompts = list(prompts)
+        embeds, pooled = self._encode(prompts)
+
+        def empty() -> Conditioning:
+            neg, neg_pooled = self._encode([''])
+            return {'negative_prompt_embeds': neg, 'negative_pooled_prompt_embeds': neg_pooled}
+
+        return {'prompt_embeds': embeds, 'pooled_prompt_embeds': pooled,
+                **self._empty.get(self.text_encoder, empty, len(prompts))}
 
 
 class SD35Family(ModelFamily):

@@ -451,8 +451,9 @@ def build_tiny_sdxl_pipeline(seed: int = 0):
         sample_size=32,
         scaling_factor=0.13025,
     ).eval()
-    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULE, prediction_type='epsilon', steps_offset=1,
-                                       timestep_spacing='leading', interpolation_type='linear')
+    with torch.device('cpu'):  # its sigma tables hold data, also when the planner builds the rest on meta
+        scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULE, prediction_type='epsilon', steps_offset=1,
+                                           timestep_spacing='leading', interpolation_type='linear')
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
                                      force_zeros_for_empty_prompt=True, add_watermarker=False)
