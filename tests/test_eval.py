@@ -226,3 +226,25 @@ def test_exported_student_images_equal_the_pipeline_call(assets, tmp_path):
                   **pipeline_call_kwargs(assets['student'])).images
     assert (ours - theirs).abs().max().item() <= 1e-5
     source.close()
+
+
+def test_eval_diversity_is_a_ratio_to_the_teacher(assets, tmp_path):
+    out = tmp_path / 'eval'
+    result = evaluate(
+        str(assets['teacher']), [str(assets['student']), str(assets['teacher'])], str(assets['prompts']), str(out),
+        names=['student', 'teacher-as-student'], batch_size=4, teacher_kwargs={'num_inference_steps': 4},
+        student_kwargs={'num_inference_steps': 4}, fid_features=RandomConvFeatures(), patch_size=16,
+        clip_model=None, pickscore_model=None, hpsv2=False, image_reward=False, progress=False,
+        diversity_seeds=3, diversity_prompts=2)
+    rows = {r['name']: r['metrics'] for r in result['rows']}
+    assert rows['Teacher']['diversity'] == 1.0
+    # The teacher pipeline as a student draws the same images from the same seeds: ratio 1.
+    assert rows['teacher-as-student']['diversity'] == pytest.approx(1.0, abs=1e-9)
+    assert np.isfinite(rows['student']['diversity']) and rows['student']['diversity'] > 0
+    assert sorted(p.name for p in (out / 'student' / 'diversity').iterdir()) == ['seed0', 'seed1', 'seed2']
+    assert len(list((out / 'student' / 'diversity' / 'seed2').glob('*.png'))) == 2
+    assert 'Diversity (x teacher)' in result['table'].splitlines()[0]
+    with pytest.raises(EvalError, match='at least 2 seeds'):
+        evaluate(str(assets['teacher']), [str(assets['student'])], str(assets['prompts']), str(tmp_path / 'x'),
+                 diversity_seeds=1, fid_features=RandomConvFeatures(), clip_model=None, pickscore_model=None,
+                 hpsv2=False, image_reward=False, progress=False)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from senseflow_algos.evaluation.diversity import within_prompt_diversity
 from senseflow_algos.evaluation.features import FeatureExtractor, MetricUnavailable, build_feature_extractor
 from senseflow_algos.evaluation.fid import fid_from_features, random_patches
 from senseflow_algos.evaluation.generation import (
@@ -163,7 +164,8 @@ def evaluate(teacher: str, students: Sequence[str], prompts_file: str, out: str,
              pickscore_model: Optional[str] = DEFAULT_PICKSCORE_MODEL,
              pickscore_processor: Optional[str] = DEFAULT_PICKSCORE_PROCESSOR, hpsv2: bool = True,
              image_reward: bool = True, allow_downloads: bool = False, device: Optional[str] = None,
-             dtype: Optional[str] = None, progress: bool = True,
+             dtype: Optional[str] = None, progress: bool = True, diversity_seeds: int = 0,
+             diversity_prompts: int = 32,
              say: Callable[[str], None] = lambda m: print(f'[eval] {m}', flush=True)) -> dict[str, Any]:
     """Generate (resumably) and score a teacher and students; write ``results.md`` / ``results.json`` into ``out``.
 
@@ -190,6 +192,11 @@ def evaluate(teacher: str, students: Sequence[str], prompts_file: str, out: str,
         allow_downloads (bool): Let metric networks download (default: local caches only).
         device, dtype (str, optional): Where / how to run generation (default: CUDA and bf16 if available).
         progress (bool): Progress bars.
+        diversity_seeds (int): Within-prompt diversity (mode collapse): ``diversity_seeds`` more images of each of the
+            first ``diversity_prompts`` prompts per row (seed ``seed + (s + 1) * 1000003 + i``, in
+            ``<row>/diversity/seed<s>``), scored as the mean pairwise distance of their FID features and reported as
+            a ratio to the teacher's. ``0`` (default): not measured; otherwise at least 2.
+        diversity_prompts (int): Prompts of the diversity score. Default: ``32``.
         say: Where messages go.
 
     Returns:
@@ -198,6 +205,9 @@ def evaluate(teacher: str, students: Sequence[str], prompts_file: str, out: str,
     for m in methods:
         if m not in METHODS:
             raise EvalError(f'--methods: {m!r} is not one of {list(METHODS)}')
+    if diversity_seeds == 1 or diversity_seeds < 0 or diversity_prompts < 1:
+        raise EvalError(f'--diversity-seeds {diversity_seeds} / --diversity-prompts {diversity_prompts}: diversity '
+                        'needs at least 2 seeds of at least 1 prompt (0 seeds: off)')
     if not students:
         raise EvalError('give at least one --student')
     if names is not None and len(names) != len(students):
@@ -241,6 +251,9 @@ def evaluate(teacher: str, students: Sequence[str], prompts_file: str, out: str,
                              overrides=student_overrides, call_kwargs=item['kwargs'], device=run_device, dtype=dtype)
         try:
             stats = generate_images(source, prompts, folder, seed=seed, batch_size=batch_size, progress=progress)
+            for s in range(diversity_seeds if features is not None else 0):
+                generate_images(source, prompts[:diversity_prompts], folder / 'diversity' / f'seed{s}',
+                                seed=_diversity_seed(seed, s), batch_size=batch_size, progress=progress)
         finally:
             source.close()
             del source
@@ -261,6 +274,14 @@ def evaluate(teacher: str, students: Sequence[str], prompts_file: str, out: str,
         measured[item['name']] = _measure(folder, prompts, batch_size, features, scorers, patch_size,
                                           patches_per_image, seed, run_device, skipped, progress, item['name'])
     teacher_m = measured['Teacher']
+    diversity = {}
+    if diversity_seeds and features is not None:
+        for item in plan:
+            folder = out_dir / item.get('folder', 'teacher') / 'diversity'
+            n_div = min(diversity_prompts, len(prompts))
+            feats = [features(load_images(folder / f'seed{s}', list(range(n_div))).to(run_device)).double().cpu()
+                     for s in range(diversity_seeds)]
+            diversity[item['name']] = within_prompt_diversity(torch.stack(feats, dim=1))
     rows = []
     for item in plan:
         m = measured[item['name']]
@@ -268,6 +289,8 @@ def evaluate(teacher: str, students: Sequence[str], prompts_file: str, out: str,
         if item['role'] == 'student':
             metrics['fid_t'] = _fid(m['features'], teacher_m['features'], 'FID-T', skipped)
             metrics['patch_fid_t'] = _fid(m['patch_features'], teacher_m['patch_features'], 'Patch FID-T', skipped)
+        if diversity:
+            metrics['diversity'] = diversity[item['name']] / diversity['Teacher']
         rows.append({'name': item['name'], 'role': item['role'], 'path': str(item['path']), 'method': item['method'],
                      'nfe': nfe[item['name']], 'metrics': {k: v for k, v in metrics.items() if v is not None}})
     notes = [f'{len(prompts)} prompts from {prompts_file}; image i uses seed {seed} + i; FID-T and Patch FID-T '
@@ -278,14 +301,24 @@ def evaluate(teacher: str, students: Sequence[str], prompts_file: str, out: str,
                                                      'published FIDs)'))
         notes.append(f'Patch FID-T: {patches_per_image} crop(s) of {patch_size}x{patch_size} per image at full '
                      'resolution, positions seeded per image index')
+    if diversity:
+        notes.append(f'Diversity: {diversity_seeds} seeds of the first {min(diversity_prompts, len(prompts))} prompts, '
+                     f'mean pairwise distance of their features within a prompt, as a ratio to the teacher\'s '
+                     f'({diversity["Teacher"]:.4g})')
     table = format_table(rows, skipped, notes)
     settings = {'teacher': teacher, 'students': list(students), 'prompts': prompts_file, 'num': len(prompts),
                 'seed': seed, 'batch_size': batch_size, 'methods': list(methods), 'size': size,
                 'fid_features': features.name if features is not None else None, 'patch_size': patch_size,
-                'patches_per_image': patches_per_image}
+                'patches_per_image': patches_per_image, 'diversity_seeds': diversity_seeds,
+                'diversity_prompts': diversity_prompts}
     md, js = write_results(out_dir, rows, skipped, settings, notes)
     say(f'results written to {md} and {js}\n\n{table}')
     return {'rows': rows, 'skipped': skipped, 'table': table, 'markdown': md, 'json': js}
+
+
+def _diversity_seed(seed: int, s: int) -> int:
+    """Base seed of the ``s``-th diversity image set (image ``i`` uses this + ``i``): away from the main set's."""
+    return seed + (s + 1) * 1_000_003
 
 
 def _kwargs(steps: Optional[int], guidance: Optional[float], max_len: Optional[int]) -> dict[str, Any]:
@@ -337,6 +370,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--device', help='default: cuda if available, else cpu')
     p.add_argument('--dtype', choices=['fp32', 'bf16', 'fp16'], help='default: bf16 on cuda, fp32 on cpu')
     p.add_argument('--no-progress', action='store_true')
+    p.add_argument('--diversity-seeds', type=int, default=0, help='within-prompt diversity (mode collapse): this many '
+                   'images per prompt of the first --diversity-prompts prompts, as a ratio to the teacher\'s (0: off)')
+    p.add_argument('--diversity-prompts', type=int, default=32)
     args = p.parse_args(argv)
     from senseflow_algos.config import ConfigError
 
@@ -353,7 +389,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  patches_per_image=args.patches_per_image, clip_model=off(args.clip_model),
                  pickscore_model=off(args.pickscore_model), pickscore_processor=args.pickscore_processor,
                  hpsv2=not args.no_hpsv2, image_reward=not args.no_image_reward, allow_downloads=args.allow_downloads,
-                 device=args.device, dtype=args.dtype, progress=not args.no_progress)
+                 device=args.device, dtype=args.dtype, progress=not args.no_progress,
+                 diversity_seeds=args.diversity_seeds, diversity_prompts=args.diversity_prompts)
     except (EvalError, ConfigError, FileNotFoundError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ['COLUMNS', 'format_table', 'write_results']
+__all__ = ['COLUMNS', 'DIVERSITY_COLUMN', 'format_table', 'write_results']
 
 #: ``(key, header, format)`` of each column, in the paper's order (Table 1 of SenseFlow).
 COLUMNS = (
@@ -18,6 +18,10 @@ COLUMNS = (
     ('pick', 'Pick ↑', '{:.2f}'),
     ('image_reward', 'ImageReward ↑', '{:.4f}'),
 )
+
+#: Added after :data:`COLUMNS` when a row has it (``eval.py --diversity-seeds``): within-prompt diversity as a ratio
+#: to the teacher's (:mod:`senseflow_algos.evaluation.diversity`).
+DIVERSITY_COLUMN = ('diversity', 'Diversity (x teacher)', '{:.3f}')
 
 #: Columns a teacher row has no value for (they compare a student with the teacher).
 TEACHER_DASH = ('fid_t', 'patch_fid_t')
@@ -36,11 +40,12 @@ def format_table(rows: list[dict[str, Any]], skipped: Optional[dict[str, str]] =
                  notes: Optional[list[str]] = None) -> str:
     """A markdown table, one row per method (``{'name', 'role', 'nfe', 'metrics': {key: value}}``), followed by the
     reason of every skipped metric and any notes."""
-    header = '| Method | ' + ' | '.join(h for _, h, _ in COLUMNS) + ' |'
-    sep = '|---|' + '|'.join('---:' for _ in COLUMNS) + '|'
+    columns = COLUMNS + ((DIVERSITY_COLUMN,) if any('diversity' in r.get('metrics', {}) for r in rows) else ())
+    header = '| Method | ' + ' | '.join(h for _, h, _ in columns) + ' |'
+    sep = '|---|' + '|'.join('---:' for _ in columns) + '|'
     lines = [header, sep]
     for row in rows:
-        lines.append(f'| {row["name"]} | ' + ' | '.join(_cell(row, k, f) for k, _, f in COLUMNS) + ' |')
+        lines.append(f'| {row["name"]} | ' + ' | '.join(_cell(row, k, f) for k, _, f in columns) + ' |')
     extra = [f'- n/a {key}: {reason}' for key, reason in (skipped or {}).items()] + [f'- {n}' for n in notes or []]
     return '\n'.join(lines + ([''] + extra if extra else [])) + '\n'
 

@@ -7,6 +7,9 @@ captions of world seed :data:`EVAL_SEED`, never trained on):
 * FD-T: Fréchet distance, in the evaluator's feature space, to the teacher's full-step samples for the same
   prompts (for the teacher's full-step row: a second draw with other noise, the noise floor of FD-T);
 * FD-R: the same distance to the renderer's images of those captions (the toy FID);
+* diversity: within-prompt diversity (:mod:`senseflow_algos.evaluation.diversity`) of the evaluator's features over
+  ``diversity_seeds`` noise seeds of ``diversity_prompts`` prompts, as a ratio to the teacher's full-step diversity
+  (mode collapse shows as a ratio below 1);
 * seconds per image (text encoding, sampling and decoding; batch 64; the thread count of the run).
 
 Used by the :class:`ShapesReport` callback at the end of ``composer train.py yamls/shapes.yaml``, by
@@ -25,6 +28,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from senseflow_algos.evaluation.diversity import within_prompt_diversity
 from senseflow_algos.evaluation.fid import fid_from_features
 from senseflow_algos.sampling import DEFAULT_METHOD
 from senseflow_algos.shapes import components as C
@@ -37,6 +41,8 @@ __all__ = ['EVAL_SEED', 'prompt_suite', 'renderer_images', 'TeacherSampler', 'ev
 
 EVAL_SEED = 5000
 BATCH = 64
+#: Prompts and noise seeds of the diversity score (issue 16: 8 seeds x 32 prompts); seeds from DIVERSITY_SEED on.
+DIVERSITY_PROMPTS, DIVERSITY_SEEDS, DIVERSITY_SEED = 32, 8, 1000
 
 
 def _suite_scenes(n: int, seed: int):
@@ -177,13 +183,22 @@ def teacher_table(sampler: TeacherSampler, evaluator: ShapesEvaluator, n: int = 
     return {'n': n, 'rows': rows, 'renderer': evaluate_images(evaluator, real, prompts)}
 
 
+def _diversity(evaluator: ShapesEvaluator, generate: Callable[[list[str], int], torch.Tensor], prompts: list[str],
+               seeds: int) -> float:
+    """Within-prompt diversity of ``generate(prompts, seed)`` over ``seeds`` noise seeds (evaluator features)."""
+    feats = [np.asarray(evaluator.features(generate(prompts, DIVERSITY_SEED + s))) for s in range(seeds)]
+    return within_prompt_diversity(np.stack(feats, axis=1))  # (prompts, seeds, dims)
+
+
 def distillation_report(model, evaluator: Optional[ShapesEvaluator] = None, n: int = 256, seed: int = 0,
                         guidance: float = C.DEFAULT_GUIDANCE, full_steps: int = C.DEFAULT_STEPS,
-                        cache: Optional[Path] = None) -> dict:
+                        cache: Optional[Path] = None, diversity_prompts: int = DIVERSITY_PROMPTS,
+                        diversity_seeds: int = DIVERSITY_SEEDS) -> dict:
     """Teacher full-step, teacher n-step Euler and student n-step on the prompt suite (n = the student's steps).
 
     The teacher's full-step images for FD-T come from noise seed ``seed``; every row (the teacher's full-step row
-    included, giving the noise floor) is drawn with seed ``seed + 1``.
+    included, giving the noise floor) is drawn with seed ``seed + 1``. Diversity: ``diversity_seeds`` seeds of the first
+    ``diversity_prompts`` prompts of a suite of that size (half one-shape, half two-shape); ``0`` seeds: not measured.
     """
     evaluator = evaluator or ShapesEvaluator()
     prompts, real = prompt_suite(n), renderer_images(n)
@@ -203,7 +218,20 @@ def distillation_report(model, evaluator: Optional[ShapesEvaluator] = None, n: i
         row = evaluate_images(evaluator, images, prompts, ref, real)
         row.update(steps=steps, sec_per_image=spi)
         rows[name] = row
+    if diversity_seeds >= 2:
+        few = prompt_suite(diversity_prompts)
+
+        def teacher_full(p, s):
+            return cached_teacher_images(sampler, p, full_steps, guidance, s, teacher_cache_path(
+                cache, teacher_key, full_steps, guidance, len(p), s))[0]
+
+        generators = (teacher_full, lambda p, s: sampler.generate(p, k, guidance, s),
+                      lambda p, s: student_images(model, p, s))
+        scores = [_diversity(evaluator, g, few, diversity_seeds) for g in generators]
+        for row, score in zip(rows.values(), scores):
+            row.update(diversity=score, diversity_ratio=score / scores[0])
     return {'n': n, 'guidance': guidance, 'rows': rows, 'renderer': evaluate_images(evaluator, real, prompts),
+            'diversity': {'prompts': diversity_prompts, 'seeds': diversity_seeds, 'features': 'shapes evaluator'},
             'images': {'prompts': prompts[:4] + prompts[n // 2:n // 2 + 4],
                        'columns': {col: torch.cat([v[:4], v[n // 2:n // 2 + 4]])
                                    for col, v in (('teacher full', full), (f'teacher {k}', four),
@@ -215,18 +243,19 @@ def format_report_table(report: dict) -> str:
 
     Not :func:`senseflow_algos.evaluation.table.format_table`, which formats ``eval.py``'s metric rows."""
     lines = ['| sampler | steps | FD-T | FD-R | acc single | acc two | acc all | colour | shape | position | '
-             'relation | s / image |', '|' + '---|' * 12]
+             'relation | diversity (x teacher) | s / image |', '|' + '---|' * 13]
     for name, r in report['rows'].items():
         a = r['acc']
+        div = f"{r['diversity_ratio']:.3f}" if 'diversity_ratio' in r else '-'
         lines.append(f"| {name} | {r['steps']} | {r.get('fd_t', float('nan')):.2f} | {r.get('fd_r', float('nan')):.2f}"
                      f" | {a['single']['prompt']:.3f} | {a['two']['prompt']:.3f} | {a['all']['prompt']:.3f} | "
                      f"{a['all']['colour']:.3f} | {a['all']['shape']:.3f} | {a['single']['position']:.3f} | "
-                     f"{a['two']['relation']:.3f} | {r['sec_per_image']:.4f} |")
+                     f"{a['two']['relation']:.3f} | {div} | {r['sec_per_image']:.4f} |")
     if report.get('renderer'):
         a = report['renderer']['acc']
         lines.append(f"| renderer (ground truth) | - | - | 0 | {a['single']['prompt']:.3f} | {a['two']['prompt']:.3f} | "
                      f"{a['all']['prompt']:.3f} | {a['all']['colour']:.3f} | {a['all']['shape']:.3f} | "
-                     f"{a['single']['position']:.3f} | {a['two']['relation']:.3f} | - |")
+                     f"{a['single']['position']:.3f} | {a['two']['relation']:.3f} | - | - |")
     return '\n'.join(lines)
 
 
@@ -321,12 +350,16 @@ class ShapesReport(_CallbackBase):
         compare (list[str], optional): Other runs' ``report.json`` to show beside this one (e.g. the 4-step run's
             ``runs/shapes/shapes_report/report.json`` in a 2-step run): written to ``compare.md`` and printed.
             Missing files are skipped with a note.
+        diversity_prompts (int): Prompts of the diversity score. Default: ``32``.
+        diversity_seeds (int): Noise seeds per prompt of the diversity score (``0``: not measured). Default: ``8``.
     """
 
     def __init__(self, num_prompts: int = 512, guidance: float = C.DEFAULT_GUIDANCE,
                  full_steps: int = C.DEFAULT_STEPS, seed: int = 0, cache: Optional[str] = 'runs/shapes_cache',
-                 folder: Optional[str] = None, compare: Optional[Sequence[str]] = None):
+                 folder: Optional[str] = None, compare: Optional[Sequence[str]] = None,
+                 diversity_prompts: int = DIVERSITY_PROMPTS, diversity_seeds: int = DIVERSITY_SEEDS):
         self.num_prompts, self.guidance, self.full_steps, self.seed = num_prompts, guidance, full_steps, seed
+        self.diversity_prompts, self.diversity_seeds = diversity_prompts, diversity_seeds
         self.cache = Path(cache) if cache else None
         self.folder = folder
         self.compare = list(compare or [])
@@ -358,7 +391,8 @@ class ShapesReport(_CallbackBase):
         try:
             t = time.time()
             report = distillation_report(model, n=self.num_prompts, seed=self.seed, guidance=self.guidance,
-                                         full_steps=self.full_steps, cache=self.cache)
+                                         full_steps=self.full_steps, cache=self.cache,
+                                         diversity_prompts=self.diversity_prompts, diversity_seeds=self.diversity_seeds)
         finally:
             model.train(was_training)
         report['wall_s_report'] = time.time() - t

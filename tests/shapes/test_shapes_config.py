@@ -19,6 +19,7 @@ def test_shapes_config_trains_reports_and_exports(make_trainer, tmp_path):
         f'model.pretrained={C.TEACHER_DIR}',
         f'algorithms.vfm_discriminator.backbone_kwargs.pretrained_cfg_overlay.file={C.VFM_WEIGHTS}',
         'callbacks.shapes_report.num_prompts=8', 'callbacks.shapes_report.full_steps=3',
+        'callbacks.shapes_report.diversity_prompts=4', 'callbacks.shapes_report.diversity_seeds=3',
         f'callbacks.shapes_report.folder={report}', 'callbacks.shapes_report.cache=',
         f'callbacks.export_pipeline.folder={tmp_path / "export"}'])
     model = trainer.state.model
@@ -37,5 +38,10 @@ def test_shapes_config_trains_reports_and_exports(make_trainer, tmp_path):
     assert all(math.isfinite(v) for losses in rec.losses for v in losses.values())
     data = json.loads((report / 'report.json').read_text())
     assert set(data['rows']) == {'teacher 3-step Euler', 'teacher 4-step Euler', 'student 4-step'}
+    # Diversity over 3 seeds of 4 prompts, as a ratio to the teacher's full-step row (1 by definition there).
+    assert data['diversity'] == {'prompts': 4, 'seeds': 3, 'features': 'shapes evaluator'}
+    assert data['rows']['teacher 3-step Euler']['diversity_ratio'] == 1.0
+    assert all(r['diversity'] > 0 for r in data['rows'].values())
+    assert 'diversity (x teacher)' in (report / 'report.md').read_text()
     assert (report / 'samples.png').is_file() and (report / 'report.md').is_file()
     assert (tmp_path / 'export' / 'model_index.json').is_file()
