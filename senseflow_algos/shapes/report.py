@@ -7,6 +7,8 @@ captions of world seed :data:`EVAL_SEED`, never trained on):
 * FD-T: Fréchet distance, in the evaluator's feature space, to the teacher's full-step samples for the same
   prompts (for the teacher's full-step row: a second draw with other noise, the noise floor of FD-T);
 * FD-R: the same distance to the renderer's images of those captions (the toy FID);
+* shape accuracy by pixel geometry (:mod:`senseflow_algos.shapes.geometry`), single / two-shape: a second check,
+  independent of the evaluator CNN, which is lenient with blobs;
 * diversity: within-prompt diversity (:mod:`senseflow_algos.evaluation.diversity`) of the evaluator's features over
   ``diversity_seeds`` noise seeds of ``diversity_prompts`` prompts, as a ratio to the teacher's full-step diversity
   (mode collapse shows as a ratio below 1);
@@ -33,6 +35,7 @@ from senseflow_algos.evaluation.fid import fid_from_features
 from senseflow_algos.sampling import DEFAULT_METHOD
 from senseflow_algos.shapes import components as C
 from senseflow_algos.shapes.evaluator import ShapesEvaluator
+from senseflow_algos.shapes.geometry import geometry_accuracy
 from senseflow_algos.shapes.world import render, sample_scene
 
 __all__ = ['EVAL_SEED', 'prompt_suite', 'renderer_images', 'TeacherSampler', 'evaluate_images', 'teacher_table',
@@ -124,7 +127,7 @@ def evaluate_images(evaluator: ShapesEvaluator, images: torch.Tensor, prompts: S
     """Accuracies (single / two / all, every metric) and FD-T / FD-R against the given image sets."""
     s = evaluator.score(images, prompts)
     feats = evaluator.features(images)
-    row = {'acc': {g: s[g] for g in ('single', 'two', 'all')}}
+    row = {'acc': {g: s[g] for g in ('single', 'two', 'all')}, 'geometry': geometry_accuracy(images, prompts)}
     if reference is not None:
         row['fd_t'] = fid_from_features(feats, evaluator.features(reference))
     if real is not None:
@@ -238,24 +241,30 @@ def distillation_report(model, evaluator: Optional[ShapesEvaluator] = None, n: i
                                                 (f'student {k}', student), ('renderer', real))}}}
 
 
+def _geometry(row: dict) -> str:
+    g = row.get('geometry')
+    return f"{g['single']:.3f} / {g['two']:.3f}" if g else '-'
+
+
 def format_report_table(report: dict) -> str:
     """Markdown table of a shapes distillation report's rows (one per sampler: FD-T, FD-R, accuracies, speed).
 
     Not :func:`senseflow_algos.evaluation.table.format_table`, which formats ``eval.py``'s metric rows."""
-    lines = ['| sampler | steps | FD-T | FD-R | acc single | acc two | acc all | colour | shape | position | '
-             'relation | diversity (x teacher) | s / image |', '|' + '---|' * 13]
+    lines = ['| sampler | steps | FD-T | FD-R | acc single | acc two | acc all | colour | shape | shape by geometry '
+             '(single / two) | position | relation | diversity (x teacher) | s / image |', '|' + '---|' * 14]
     for name, r in report['rows'].items():
         a = r['acc']
         div = f"{r['diversity_ratio']:.3f}" if 'diversity_ratio' in r else '-'
         lines.append(f"| {name} | {r['steps']} | {r.get('fd_t', float('nan')):.2f} | {r.get('fd_r', float('nan')):.2f}"
                      f" | {a['single']['prompt']:.3f} | {a['two']['prompt']:.3f} | {a['all']['prompt']:.3f} | "
-                     f"{a['all']['colour']:.3f} | {a['all']['shape']:.3f} | {a['single']['position']:.3f} | "
-                     f"{a['two']['relation']:.3f} | {div} | {r['sec_per_image']:.4f} |")
+                     f"{a['all']['colour']:.3f} | {a['all']['shape']:.3f} | {_geometry(r)} | "
+                     f"{a['single']['position']:.3f} | {a['two']['relation']:.3f} | {div} | {r['sec_per_image']:.4f} |")
     if report.get('renderer'):
         a = report['renderer']['acc']
         lines.append(f"| renderer (ground truth) | - | - | 0 | {a['single']['prompt']:.3f} | {a['two']['prompt']:.3f} | "
                      f"{a['all']['prompt']:.3f} | {a['all']['colour']:.3f} | {a['all']['shape']:.3f} | "
-                     f"{a['single']['position']:.3f} | {a['two']['relation']:.3f} | - | - |")
+                     f"{_geometry(report['renderer'])} | {a['single']['position']:.3f} | {a['two']['relation']:.3f} | "
+                     f"- | - |")
     return '\n'.join(lines)
 
 

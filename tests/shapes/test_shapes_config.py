@@ -43,5 +43,7 @@ def test_shapes_config_trains_reports_and_exports(make_trainer, tmp_path):
     assert data['rows']['teacher 3-step Euler']['diversity_ratio'] == 1.0
     assert all(r['diversity'] > 0 for r in data['rows'].values())
     assert 'diversity (x teacher)' in (report / 'report.md').read_text()
+    assert all(0 <= r['geometry']['single'] <= 1 for r in data['rows'].values())
+    assert data['renderer']['geometry']['single'] >= 0.75  # the renderer's own 8 images, by pixel geometry
     assert (report / 'samples.png').is_file() and (report / 'report.md').is_file()
     assert (tmp_path / 'export' / 'model_index.json').is_file()
