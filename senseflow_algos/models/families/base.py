@@ -22,7 +22,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ['Components', 'ModelFamily', 'MethodDefaults', 'SchedulerExport', 'ConstantPromptCache', 'Conditioning', 'ExportError', 'UNIFORM_ANCHORS',
+__all__ = ['Components', 'ModelFamily', 'PackedShiftedFlowFamily', 'MethodDefaults', 'SchedulerExport',
+           'ConstantPromptCache', 'Conditioning', 'ExportError', 'UNIFORM_ANCHORS',
            'DEFAULT_NUM_STEPS', 'drop_vae_encoder']
 
 #: Student sampling steps (= anchors) when none are named: the paper's 4.
@@ -501,6 +502,73 @@ class SchedulerExport:
     scheduler: Any
     call_kwargs: dict[str, Any]
     info: dict[str, Any]
+
+class PackedShiftedFlowFamily(ModelFamily):
+    """The schedule FLUX and Qwen-Image share: 2x2-packed latent tokens and a resolution-dependent exponential time
+    shift (``mu`` linear in the packed token count, :func:`~senseflow_algos.flow.flux_mu`), sigma = index / 1000 on
+    the grid, and plain logit-normal DMD and fake-score sigmas (their schedulers hold unshifted sigmas at init).
+
+    Subclasses call :meth:`_set_shift` in ``__init__`` with their scheduler's shift parameters.
+    """
+
+    def _set_shift(self, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> None:
+        self.shift_params = dict(base_seq_len=base_seq_len, max_seq_len=max_seq_len, base_shift=base_shift,
+                                 max_shift=max_shift)
+
+    def mu(self, latent_hw: tuple[int, int]) -> float:
+        """The time-shift exponent at latents of spatial size ``latent_hw`` (``h/2 * w/2`` packed tokens), as the
+        pipelines' ``calculate_shift``."""
+        from senseflow_algos import flow
+
+        return flow.flux_mu((latent_hw[0] // 2) * (latent_hw[1] // 2), **self.shift_params)
+
+    def _default_anchors(self, latent_hw, num_steps=DEFAULT_NUM_STEPS):
+        from senseflow_algos import flow
+
+        mu = self.mu(latent_hw)
+        return shifted_anchors(lambda s: flow.flux_time_shift(s, mu), num_steps)
+
+    def index_to_sigma(self, index):
+        from senseflow_algos import flow
+
+        return flow.flux_index_to_sigma(index)
+
+    def sigma_to_index(self, sigma):
+        # The grid point at or below sigma, as the reference truncates its shifted FLUX anchors (.9045 -> 904); the
+        # 1e-6 keeps grid sigmas i/1000 on i despite float rounding.
+        return torch.floor(torch.as_tensor(sigma, dtype=torch.float64) * 1000 + 1e-6)
+
+    def dmd_sigma(self, n, rng, device=None):
+        from senseflow_algos import flow
+
+        # The scheduler holds unshifted sigmas at init, so the reference samples a plain logit-normal.
+        return flow.sample_logit_normal(n, rng, device=device)
+
+    def fake_score_sigma(self, n, rng, device=None):
+        from senseflow_algos import flow
+
+        return flow.sample_logit_normal(n, rng, device=device)
+
+    def export_scheduler(self, base_config, sigmas, latent_shape, method):
+        # The pipeline computes mu from the image size (calculate_shift) with the scheduler config's parameters: at
+        # the training resolution its default linspace(1, 1/n, n) gives the training anchors.
+        from senseflow_algos import flow
+
+        p = self.shift_params
+        mu = float(self.mu(tuple(latent_shape[1:])))
+        return self._flow_match_export(
+            base_config, sigmas, method,
+            dict(use_dynamic_shifting=True, base_image_seq_len=p['base_seq_len'], max_image_seq_len=p['max_seq_len'],
+                 base_shift=p['base_shift'], max_shift=p['max_shift']),
+            lambda anchors: flow.flux_time_unshift(anchors, mu), mu=mu)
+
+    def scheduler_noise(self, shape, draw):
+        # The pipeline's scheduler steps on packed (B, h/2 * w/2, 4C) tokens and draws its noise in that shape.
+        from senseflow_algos import flow
+
+        b, c, h, w = shape
+        return lambda: flow.unpack_latents(draw((b, (h // 2) * (w // 2), 4 * c)), c, h, w)
+
 
 def shifted_anchors(shift_fn, num_steps: int = DEFAULT_NUM_STEPS) -> torch.Tensor:
     """Apply a family's time shift to the ``num_steps`` uniform pre-shift times (:func:`flow.uniform_times`)."""

@@ -9,11 +9,9 @@ from torch import nn
 
 from senseflow_algos import flow
 from senseflow_algos.models.families.base import (
-    DEFAULT_NUM_STEPS,
     Conditioning,
     MethodDefaults,
-    ModelFamily,
-    shifted_anchors,
+    PackedShiftedFlowFamily,
 )
 
 __all__ = ['FluxFamily', 'FluxConditioner', 'without_guidance_embedding', 'pack_latents', 'unpack_latents']
@@ -79,7 +77,7 @@ class FluxConditioner(nn.Module):
         return {'prompt_embeds': embeds, 'pooled_prompt_embeds': pooled}
 
 
-class FluxFamily(ModelFamily):
+class FluxFamily(PackedShiftedFlowFamily):
     """FLUX.1: anchors are the uniform anchors under FLUX's resolution-dependent time shift.
 
     Args:
@@ -107,8 +105,7 @@ class FluxFamily(ModelFamily):
                  base_shift: float = flow.FLUX_SHIFT.base_shift, max_shift: float = flow.FLUX_SHIFT.max_shift,
                  max_sequence_length: int = 512, adversarial_weighting: str = 'signal_power',
                  anchors: Optional[Sequence[int]] = None):
-        self.shift_params = dict(base_seq_len=base_seq_len, max_seq_len=max_seq_len, base_shift=base_shift,
-                                 max_shift=max_shift)
+        self._set_shift(base_seq_len, max_seq_len, base_shift, max_shift)
         self.max_sequence_length = max_sequence_length
         self._set_adversarial_weighting(adversarial_weighting)
         self._set_anchors(anchors)
@@ -136,30 +133,7 @@ class FluxFamily(ModelFamily):
     def _tiny_sequence_length(self, pipe):
         return pipe.tokenizer_2.model_max_length
 
-    # -- schedule -----------------------------------------------------------------------------------------------------
-
-    def mu(self, latent_hw: tuple[int, int]) -> float:
-        """The time-shift exponent at latents of spatial size ``latent_hw`` (``h/2 * w/2`` packed tokens)."""
-        return flow.flux_mu((latent_hw[0] // 2) * (latent_hw[1] // 2), **self.shift_params)
-
-    def _default_anchors(self, latent_hw, num_steps=DEFAULT_NUM_STEPS):
-        mu = self.mu(latent_hw)
-        return shifted_anchors(lambda s: flow.flux_time_shift(s, mu), num_steps)
-
-    def index_to_sigma(self, index):
-        return flow.flux_index_to_sigma(index)
-
-    def sigma_to_index(self, sigma):
-        # The grid point at or below sigma, as the reference truncates its shifted anchors (.9045 -> 904); the 1e-6
-        # keeps grid sigmas i/1000 on i despite float rounding.
-        return torch.floor(torch.as_tensor(sigma, dtype=torch.float64) * 1000 + 1e-6)
-
-    def dmd_sigma(self, n, rng, device=None):
-        # FLUX's scheduler holds unshifted sigmas at init, so the reference samples a plain logit-normal.
-        return flow.sample_logit_normal(n, rng, device=device)
-
-    def fake_score_sigma(self, n, rng, device=None):
-        return flow.sample_logit_normal(n, rng, device=device)
+    # Schedule, export scheduler and re-noise layout: PackedShiftedFlowFamily's (FLUX's shift parameters).
 
     # -- networks -----------------------------------------------------------------------------------------------------
 
@@ -193,17 +167,6 @@ class FluxFamily(ModelFamily):
 
     # -- export -------------------------------------------------------------------------------------------------------
 
-    def export_scheduler(self, base_config, sigmas, latent_shape, method):
-        # FluxPipeline computes mu from the image size (calculate_shift) with the scheduler config's parameters: at the
-        # training resolution its default linspace(1, 1/n, n) gives the training anchors.
-        p = self.shift_params
-        mu = float(self.mu(tuple(latent_shape[1:])))
-        return self._flow_match_export(
-            base_config, sigmas, method,
-            dict(use_dynamic_shifting=True, base_image_seq_len=p['base_seq_len'], max_image_seq_len=p['max_seq_len'],
-                 base_shift=p['base_shift'], max_shift=p['max_shift']),
-            lambda anchors: flow.flux_time_unshift(anchors, mu), mu=mu)
-
     def build_pipeline(self, net, vae, conditioner, scheduler):
         from senseflow_algos.models.families.base import ExportError
 
@@ -211,11 +174,6 @@ class FluxFamily(ModelFamily):
             raise ExportError('the FLUX student has a guidance embedding (guidance_embeds=true); the generator should '
                               'be built with without_guidance_embedding')
         return super().build_pipeline(net, vae, conditioner, scheduler)
-
-    def scheduler_noise(self, shape, draw):
-        # FluxPipeline's scheduler steps on packed (B, h/2 * w/2, 4C) tokens and draws its noise in that shape.
-        b, c, h, w = shape
-        return lambda: unpack_latents(draw((b, (h // 2) * (w // 2), 4 * c)), c, h, w)
 
     # -- planner ------------------------------------------------------------------------------------------------------
 

@@ -24,13 +24,11 @@ from torch import nn
 
 from senseflow_algos import flow
 from senseflow_algos.models.families.base import (
-    DEFAULT_NUM_STEPS,
     Conditioning,
     ConstantPromptCache,
     ExportError,
     MethodDefaults,
-    ModelFamily,
-    shifted_anchors,
+    PackedShiftedFlowFamily,
 )
 
 __all__ = ['QWEN_SHIFT', 'QWEN_SCHEDULER_CONFIG', 'QwenImageFamily', 'QwenImageConditioner', 'tiny_qwen_tokenizer',
@@ -207,7 +205,7 @@ class QwenImageConditioner(nn.Module):
 # Family
 
 
-class QwenImageFamily(ModelFamily):
+class QwenImageFamily(PackedShiftedFlowFamily):
     """Qwen-Image: a true-CFG teacher with FLUX-like packed latents and a FLUX-like (exponential, dynamic) time shift.
 
     No SenseFlow reference exists for Qwen-Image; the choices and their reasons:
@@ -255,8 +253,7 @@ class QwenImageFamily(ModelFamily):
                  base_shift: float = QWEN_SHIFT.base_shift, max_shift: float = QWEN_SHIFT.max_shift,
                  max_sequence_length: int = 512, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
                  adversarial_weighting: str = 'signal_power', anchors: Optional[Sequence[int]] = None):
-        self.shift_params = dict(base_seq_len=base_seq_len, max_seq_len=max_seq_len, base_shift=base_shift,
-                                 max_shift=max_shift)
+        self._set_shift(base_seq_len, max_seq_len, base_shift, max_shift)
         if not 0 < int(max_sequence_length) <= 1024:
             raise ValueError(f'model.family_kwargs.max_sequence_length={max_sequence_length} must be in 1..1024 '
                              '(QwenImagePipeline refuses longer prompts)')
@@ -274,28 +271,9 @@ class QwenImageFamily(ModelFamily):
     def tiny_pipeline(self, seed=0):
         return build_tiny_qwenimage_pipeline(seed=seed)
 
-    # -- schedule -----------------------------------------------------------------------------------------------------
-
-    def mu(self, latent_hw: tuple[int, int]) -> float:
-        """QwenImagePipeline's ``calculate_shift`` at latents of spatial size ``latent_hw`` (``h/2 * w/2`` tokens)."""
-        return flow.flux_mu((latent_hw[0] // 2) * (latent_hw[1] // 2), **self.shift_params)
-
-    def _default_anchors(self, latent_hw, num_steps=DEFAULT_NUM_STEPS):
-        mu = self.mu(latent_hw)
-        return shifted_anchors(lambda s: flow.flux_time_shift(s, mu), num_steps)
-
-    def index_to_sigma(self, index):
-        return flow.flux_index_to_sigma(index)
-
-    def sigma_to_index(self, sigma):
-        # As FLUX: the grid point at or below sigma; the 1e-6 keeps grid sigmas i / 1000 on i despite float rounding.
-        return torch.floor(torch.as_tensor(sigma, dtype=torch.float64) * 1000 + 1e-6)
-
-    def dmd_sigma(self, n, rng, device=None):
-        return flow.sample_logit_normal(n, rng, device=device)
-
-    def fake_score_sigma(self, n, rng, device=None):
-        return flow.sample_logit_normal(n, rng, device=device)
+    # Schedule, export scheduler and re-noise layout: PackedShiftedFlowFamily's, with Qwen-Image's shift parameters.
+    # The export switches the scheduler's shift_terminal off, so the pipeline's default linspace(1, 1/n, n) sigmas land
+    # on the anchors; its initial noise is drawn as (B, 1, C, h, w), the unpacked order, and its re-noise noise packed.
 
     # -- networks -----------------------------------------------------------------------------------------------------
 
@@ -366,18 +344,6 @@ class QwenImageFamily(ModelFamily):
 
     # -- export -------------------------------------------------------------------------------------------------------
 
-    def export_scheduler(self, base_config, sigmas, latent_shape, method):
-        # QwenImagePipeline computes mu from the packed token count with the scheduler config's parameters (its
-        # calculate_shift); shift_terminal is switched off by _flow_match_export, so the pipeline's default
-        # linspace(1, 1/n, n) sigmas land on the anchors too.
-        p = self.shift_params
-        mu = float(self.mu(tuple(latent_shape[1:])))
-        return self._flow_match_export(
-            base_config, sigmas, method,
-            dict(use_dynamic_shifting=True, base_image_seq_len=p['base_seq_len'], max_image_seq_len=p['max_seq_len'],
-                 base_shift=p['base_shift'], max_shift=p['max_shift']),
-            lambda anchors: flow.flux_time_unshift(anchors, mu), mu=mu)
-
     def pipeline_call_kwargs(self, resolution, conditioner):
         # No negative prompt: the pipeline runs no CFG; true_cfg_scale=1 also keeps it from warning about that.
         return {**super().pipeline_call_kwargs(resolution, conditioner), 'true_cfg_scale': 1.0}
@@ -387,12 +353,6 @@ class QwenImageFamily(ModelFamily):
             raise ExportError('the Qwen-Image student has guidance_embeds=true; Qwen-Image is a true-CFG model '
                               'without a guidance embedding')
         return super().build_pipeline(net, vae, conditioner, scheduler)
-
-    def scheduler_noise(self, shape, draw):
-        # QwenImagePipeline's scheduler steps on packed (B, h/2 * w/2, 4C) tokens and draws its noise in that shape
-        # (its initial noise is drawn as (B, 1, C, h, w): the unpacked order, as draw(shape)).
-        b, c, h, w = shape
-        return lambda: flow.unpack_latents(draw((b, (h // 2) * (w // 2), 4 * c)), c, h, w)
 
     # -- planner ------------------------------------------------------------------------------------------------------
 
