@@ -208,10 +208,12 @@ class DMDModel(ComposerModel):
 
     def _conditioning_shapes(self) -> Conditioning:
         """The family's conditioning for one prompt on the meta device: the keys a batch may carry precomputed and
-        their shapes (:meth:`~senseflow_algos.models.families.ModelFamily.planner_conditioning`)."""
-        family = self.family
-        lengths = family.planner_text_lengths(family.max_sequence_length)
-        return family.planner_conditioning(self.teacher.config, lengths, 1, torch.float32)
+        their shapes (:meth:`~senseflow_algos.models.families.ModelFamily.planner_conditioning`), built once."""
+        if getattr(self, '_precomputed_shapes', None) is None:  # fixed by family and teacher: not per batch
+            family = self.family
+            lengths = family.planner_text_lengths(family.max_sequence_length)
+            self._precomputed_shapes = family.planner_conditioning(self.teacher.config, lengths, 1, torch.float32)
+        return self._precomputed_shapes
 
     def _check_embeddings(self, cond: Conditioning) -> None:
         """Precomputed embeddings must fit the teacher: the rank and (but for masks and token counts) the width of
