@@ -416,7 +416,8 @@ class ModelFamily(abc.ABC):
             sigmas (Tensor): Anchors followed by 0 (``DMDModel.sigmas``).
             latent_shape: ``(C, h, w)`` of the latents at the training resolution.
             method (str): ``'renoise'`` (x0, then re-noise with fresh noise: :func:`~senseflow_algos.flow.renoise_step`)
-                or ``'euler'`` (:func:`~senseflow_algos.flow.euler_step`).
+                or ``'euler'`` (:func:`~senseflow_algos.flow.euler_step`); :func:`~senseflow_algos.export.export_pipeline`
+                has checked that it is one of the two.
 
         Raises:
             ExportError: If the scheduler does not reproduce the anchors.
@@ -456,10 +457,6 @@ class ModelFamily(abc.ABC):
         """
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        from senseflow_algos.sampling import METHODS
-
-        if method not in METHODS:
-            raise ExportError(f'sampler method={method!r} is not known; choose one of {list(METHODS)}')
         cfg = {k: v for k, v in dict(base_config).items() if not k.startswith('_')}
         cfg.update(stochastic_sampling=method == 'renoise', invert_sigmas=False, shift_terminal=None,
                    use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
