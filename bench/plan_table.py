@@ -24,8 +24,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from senseflow_algos.checks.training_data import precompute_refusal  # noqa: E402
 from senseflow_algos.config import load_config, validate_config  # noqa: E402
-from senseflow_algos.models.families import FAMILIES  # noqa: E402
 from senseflow_algos.plan.planner import PEAK_TFLOPS, Hardware, PlanCache, parse_bytes, plan_run  # noqa: E402
 from senseflow_algos.plan.report import TABLE_HEADER, plan_summary, table_row  # noqa: E402
 
@@ -85,10 +85,9 @@ def main(argv=None) -> int:
             cfg = load_config(REPO / config, overrides)
             try:
                 validate_config(cfg, source=config)
-                family = FAMILIES[cfg['model']['family']]
-                if cfg['dataset']['kind'] == 'precomputed' and not family.precomputable_conditioning:
-                    raise ValueError(f'model.family={family.name} has no precomputed conditioning (prompt embeddings '
-                                     'of per-prompt length)')
+                refusal = precompute_refusal(cfg['model']['family'])
+                if cfg['dataset']['kind'] == 'precomputed' and refusal:
+                    raise ValueError(f'model.family={cfg["model"]["family"]}: {refusal}')
             except Exception as e:  # a key this checkout does not know yet, or an option the family refuses
                 skipped.append(f'{model}, {option}: {str(e).splitlines()[-1].strip()}')
                 continue

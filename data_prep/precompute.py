@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from mds_writer import add_writer_args, barrier, rank_world, run_writer
 
+from senseflow_algos.checks.training_data import precompute_refusal
 from senseflow_algos.data.samples import BadSampleError, open_image
 from senseflow_algos.data.streaming import NEGATIVES_FILE, PRECOMPUTE_META_FILE, image_to_tensor, make_streams
 from senseflow_algos.data.uri import join_uri, read_file, write_file
@@ -254,9 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         barrier()  # process group first: StreamingDataset synchronises its ranks through it
     if args.batch_size < 1:
         raise SystemExit('error: --batch-size must be >= 1')
-    if not FAMILIES[args.family].precomputable_conditioning:
-        raise SystemExit(f'error: --family {args.family}: its prompt embeddings have a length per prompt (with a mask), '
-                         'which this tool does not store yet; train it with dataset.kind=image_caption (encoded online)')
+    refusal = precompute_refusal(args.family)
+    if refusal:
+        raise SystemExit(f'error: --family {args.family}: {refusal}')
     pre = Precomputer(args)
     state = dict(pre.metadata(), tool='precompute', input_fingerprint=pre.input_fingerprint(),
                  embed_dtype=args.embed_dtype)

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from senseflow_algos.config import ConfigError
 
-__all__ = ['STREAMING_KINDS', 'check_training_data', 'how_to_make_a_dataset']
+__all__ = ['STREAMING_KINDS', 'check_training_data', 'how_to_make_a_dataset', 'precompute_refusal']
 
 #: ``dataset.kind`` values that read MDS datasets through Streaming.
 STREAMING_KINDS = ('image_caption', 'precomputed', 'prompts')
@@ -49,6 +49,18 @@ def _local_dataset_problem(path: str, split: Optional[str]) -> Optional[str]:
     return None
 
 
+def precompute_refusal(family_name: Optional[str]) -> Optional[str]:
+    """Why ``model.family`` cannot train on precomputed conditioning (``None`` when it can, or is unknown here): the one
+    wording of the rule for the config check, ``data_prep/precompute.py`` and the planner's table."""
+    from senseflow_algos.models.families import FAMILIES
+
+    family = FAMILIES.get(family_name)
+    if family is None or family.precomputable_conditioning:
+        return None
+    return ('its prompt embeddings have a length per prompt (with a mask), which data_prep/precompute.py does not '
+            'store yet; train with dataset.kind=image_caption (encoded online)')
+
+
 def check_training_data(cfg: dict[str, Any], source: str) -> None:
     """A Streaming dataset kind needs ``dataset.remote`` (or ``local``, or ``streams``) pointing at an MDS dataset.
 
@@ -63,14 +75,9 @@ def check_training_data(cfg: dict[str, Any], source: str) -> None:
             print(f'warning: {source}: dataset.kind=synthetic trains on the built-in coloured squares, not on real '
                   'data (meant for the tiny test configs)', file=sys.stderr)
         return
-    if kind == 'precomputed':
-        from senseflow_algos.models.families import FAMILIES
-
-        family = FAMILIES.get(model.get('family'))
-        if family is not None and not family.precomputable_conditioning:
-            raise ConfigError(f'{source}: dataset.kind=precomputed cannot train model.family={family.name}: its prompt '
-                              'embeddings have a length per prompt (with a mask), which data_prep/precompute.py does '
-                              'not store yet; train with dataset.kind=image_caption (encoded online)')
+    refusal = precompute_refusal(model.get('family')) if kind == 'precomputed' else None
+    if refusal:
+        raise ConfigError(f'{source}: dataset.kind=precomputed cannot train model.family={model["family"]}: {refusal}')
     streams = dataset.get('streams') or []
     if not streams and not dataset.get('remote') and not dataset.get('local'):
         raise ConfigError(f'{source}: dataset.remote is not set. dataset.kind={kind} trains from a MosaicML Streaming '
