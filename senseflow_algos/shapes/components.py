@@ -43,7 +43,9 @@ VFM_WEIGHTS = ASSETS / 'vfm' / 'model.safetensors'
 EVALUATOR_WEIGHTS = ASSETS / 'evaluator' / 'model.safetensors'
 
 RESOLUTION = 32
-LATENT_CHANNELS = 8
+LATENT_CHANNELS = 16  # FLUX's own latent width; 8 channels blurred the world's corners (see the shapes README)
+VAE_CHANNELS = (32, 64, 64)
+T5_LAYERS = 3
 MAX_SEQUENCE_LENGTH = 12  # T5 tokens: the longest caption has 10 words + </s>
 CLIP_LENGTH = 16
 CLIP_WIDTH, T5_WIDTH = 32, 64
@@ -69,8 +71,9 @@ def build_tokenizers():
     return clip, t5
 
 
-def build_text_encoders(tokenizer, tokenizer_2, seed: int = 0):
-    """Tiny CLIP (2 layers, width 32, pooled output) and T5 v1.1-style (2 layers, width 64) text encoders."""
+def build_text_encoders(tokenizer, tokenizer_2, seed: int = 0, t5_layers: int = T5_LAYERS):
+    """Tiny CLIP (2 layers, width 32, pooled output) and T5 v1.1-style (``t5_layers`` layers, width 64) text
+    encoders."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -81,33 +84,34 @@ def build_text_encoders(tokenizer, tokenizer_2, seed: int = 0):
         pad_token_id=tokenizer.pad_token_id))
     torch.manual_seed(seed + 1)
     t5 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_2), d_model=T5_WIDTH, d_kv=16, d_ff=2 * T5_WIDTH, num_layers=2, num_heads=4,
+        vocab_size=len(tokenizer_2), d_model=T5_WIDTH, d_kv=16, d_ff=2 * T5_WIDTH, num_layers=t5_layers, num_heads=4,
         relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj='gated-gelu',
         pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id,
         decoder_start_token_id=tokenizer_2.pad_token_id))
     return clip, t5
 
 
-def build_vae(seed: int = 0):
-    """3-level ``AutoencoderKL`` (channels 16, 32, 32; spatial factor 4; 8 latent channels)."""
+def build_vae(seed: int = 0, channels: Sequence[int] = VAE_CHANNELS, latent_channels: int = LATENT_CHANNELS):
+    """3-level ``AutoencoderKL`` (``channels`` per level; spatial factor 4; ``latent_channels``)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
         down_block_types=('DownEncoderBlock2D',) * 3, up_block_types=('UpDecoderBlock2D',) * 3,
-        block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=LATENT_CHANNELS,
+        block_out_channels=tuple(channels), layers_per_block=1, norm_num_groups=8, latent_channels=latent_channels,
         sample_size=RESOLUTION, scaling_factor=1.0, shift_factor=0.0, use_quant_conv=False,
         use_post_quant_conv=False)
 
 
-def build_transformer(seed: int = 0, heads: int = 4, head_dim: int = 16, double: int = 2, single: int = 2):
+def build_transformer(seed: int = 0, heads: int = 4, head_dim: int = 16, double: int = 2, single: int = 2,
+                      latent_channels: int = LATENT_CHANNELS):
     """``FluxTransformer2DModel`` with guidance embedding (FLUX.1-dev layout), RoPE axes (4, 6, 6) for dim 16."""
     from diffusers import FluxTransformer2DModel
 
     rope = {16: (4, 6, 6), 24: (8, 8, 8), 32: (8, 12, 12)}[head_dim]
     torch.manual_seed(seed)
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=double, num_single_layers=single,
+        patch_size=1, in_channels=4 * latent_channels, num_layers=double, num_single_layers=single,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=T5_WIDTH,
         pooled_projection_dim=CLIP_WIDTH, guidance_embeds=True, axes_dims_rope=rope)
 

@@ -40,7 +40,7 @@ from senseflow_algos.shapes.world import render, sample_scene
 
 __all__ = ['EVAL_SEED', 'prompt_suite', 'renderer_images', 'TeacherSampler', 'evaluate_images', 'teacher_table',
            'student_images', 'distillation_report', 'format_report_table', 'save_grid', 'ShapesReport',
-           'teacher_cache_path', 'cached_teacher_images', 'fingerprint', 'compare_reports']
+           'teacher_cache_path', 'cached_teacher_images', 'fingerprint', 'compare_reports', 'headline', 'format_headline']
 
 EVAL_SEED = 5000
 BATCH = 64
@@ -268,6 +268,54 @@ def format_report_table(report: dict) -> str:
     return '\n'.join(lines)
 
 
+def headline(report: dict) -> list[dict]:
+    """The distillation goals of a report: the student against the teacher's Euler at its own step count (higher
+    accuracy by the evaluator and by geometry, relation, lower FD-R) and against the teacher's full-step sampler
+    (prompt accuracy within 5 points, one-shape and two-shape prompts). Empty when the report has no student row.
+
+    Returns:
+        One dict per goal: ``goal``, ``student``, ``teacher`` (the two values) and ``met``.
+    """
+    rows = report['rows']
+    student = next((k for k in rows if k.startswith('student')), None)
+    if student is None:
+        return []
+    s, k = rows[student], rows[student]['steps']
+    few = next((v for n, v in rows.items() if n.startswith('teacher') and v['steps'] == k), None)
+    full = next((v for n, v in rows.items() if n.startswith('teacher') and v['steps'] > k), None)
+    goals = []
+
+    def add(goal, a, b, met):
+        goals.append({'goal': goal, 'student': float(a), 'teacher': float(b), 'met': bool(met)})
+
+    if few is not None:
+        for kind in ('single', 'two'):
+            add(f'acc {kind} > teacher {k}-step', s['acc'][kind]['prompt'], few['acc'][kind]['prompt'],
+                s['acc'][kind]['prompt'] > few['acc'][kind]['prompt'])
+            if 'geometry' in s and 'geometry' in few:
+                add(f'shape by geometry {kind} > teacher {k}-step', s['geometry'][kind], few['geometry'][kind],
+                    s['geometry'][kind] > few['geometry'][kind])
+        add(f'relation > teacher {k}-step', s['acc']['two']['relation'], few['acc']['two']['relation'],
+            s['acc']['two']['relation'] > few['acc']['two']['relation'])
+        add(f'FD-R < teacher {k}-step', s['fd_r'], few['fd_r'], s['fd_r'] < few['fd_r'])
+    if full is not None:
+        for kind in ('single', 'two'):
+            a, b = s['acc'][kind]['prompt'], full['acc'][kind]['prompt']
+            add(f'acc {kind} within 5 points of teacher {full["steps"]}-step', a, b, a >= b - 0.05)
+    return goals
+
+
+def format_headline(goals: list[dict]) -> str:
+    """Markdown list of :func:`headline`'s goals (empty string when there are none)."""
+    if not goals:
+        return ''
+    met = sum(g['met'] for g in goals)
+    lines = [f'Distillation goals met: {met} of {len(goals)}']
+    lines += [f"- [{'x' if g['met'] else ' '}] {g['goal']}: student {g['student']:.3f}, teacher {g['teacher']:.3f}"
+              for g in goals]
+    return '\n'.join(lines)
+
+
 def compare_reports(paths: Sequence[str | Path]) -> dict:
     """One table from several runs' ``report.json`` (e.g. a 4-step and a 2-step student of the same teacher).
 
@@ -329,7 +377,9 @@ def write_report(report: dict, folder: str | Path) -> str:
     """``report.json``, ``report.md`` and ``samples.png`` in ``folder``; returns the table."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    table = format_report_table(report)
+    report['headline'] = headline(report)
+    goals = format_headline(report['headline'])
+    table = format_report_table(report) + (f'\n\n{goals}' if goals else '')
     images = report.pop('images', None)
     if images is not None:
         save_grid(images['columns'], images['prompts'], folder / 'samples.png')

@@ -42,11 +42,12 @@ from composer.functional import compute_ema
 from senseflow_algos import flow
 from senseflow_algos.models.families.flux import FluxFamily
 from senseflow_algos.shapes import components as C
+from senseflow_algos.shapes.text_probe import TextProbe, caption_labels
 from senseflow_algos.shapes.training import log, optimizer_step, warmup_cosine
-from senseflow_algos.shapes.world import render, sample_scene
+from senseflow_algos.shapes.world import RELATIONS, prompt_set, render, sample_scene
 
 WORLD_SEED = 1000
-STAGES = ('data', 'vae', 't2i', 't2i_ft', 'guidance', 'save')
+STAGES = ('data', 'vae', 'text', 't2i', 't2i_ft', 'guidance', 'save')
 
 
 class EMA:
@@ -145,8 +146,14 @@ def stage_vae(work: Path, steps: int, batch: int, lr: float, kl_weight: float, s
     vae = C.build_vae(seed).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     rng = torch.Generator().manual_seed(seed)
+    start, ckpt = 0, work / 'vae_ckpt.pt'
+    if ckpt.exists():
+        state = torch.load(ckpt)
+        vae.load_state_dict(state['vae']), opt.load_state_dict(state['opt']), rng.set_state(state['rng'])
+        start = state['step']
+        log(f'vae: resumed at step {start}')
     t0 = time.time()
-    for step in range(steps):
+    for step in range(start, steps):
         _set_lr(opt, step, steps, lr, 50)
         x = images[torch.randint(len(images), (batch,), generator=rng)]
         post = vae.encode(x).latent_dist
@@ -157,9 +164,12 @@ def stage_vae(work: Path, steps: int, batch: int, lr: float, kl_weight: float, s
         loss = l1 + mse + kl_weight * kl
         optimizer_step(opt, loss, vae, max_grad_norm=1.0)
         if step % 50 == 0 or step == steps - 1:
-            el = time.time() - t0
+            el, done = time.time() - t0, step + 1 - start
             log(f'vae {step}/{steps} l1 {l1.item():.4f} mse {mse.item():.5f} kl {kl.item():.3f} '
-                f'{(step + 1) * batch / el:.1f} img/s, eta {el / (step + 1) * (steps - step - 1) / 60:.1f} min')
+                f'{done * batch / el:.1f} img/s, eta {el / done * (steps - step - 1) / 60:.1f} min')
+        if (step + 1) % 500 == 0 and step + 1 < steps:
+            torch.save({'vae': vae.state_dict(), 'opt': opt.state_dict(), 'rng': rng.get_state(), 'step': step + 1},
+                       ckpt)
     vae.eval()
     n_stats = min(2048, len(images) // 2)
     held_out = images[-512:]  # the pool's tail: also trained on, but a PSNR over fresh samples is similar
@@ -172,7 +182,22 @@ def stage_vae(work: Path, steps: int, batch: int, lr: float, kl_weight: float, s
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     vae.save_pretrained(path, safe_serialization=True)
     log(f'vae: saved, PSNR {psnr:.2f} dB, shift {shift:.4f} scale {scale:.4f}, '
-        f'{(time.time() - t0) / 60:.1f} min')
+        f'{(time.time() - t0) / 60:.1f} min; {_reconstruction_check(vae)}')
+
+
+def _reconstruction_check(vae, n: int = 512) -> str:
+    """Shape by pixel geometry of ``n`` fresh renderer images (evaluation seed 5000) and of their reconstructions: the
+    teacher cannot draw crisper shapes than its VAE decodes."""
+    from senseflow_algos.shapes.geometry import geometry_accuracy
+
+    scenes = [sample_scene(5000, i) for i in range(n)]
+    x = torch.from_numpy(np.stack([render(s) for s in scenes])).float().mul(2).sub(1)
+    with torch.no_grad():
+        rec = torch.cat([vae.decode(vae.encode(x[i:i + 256]).latent_dist.mode()).sample for i in range(0, n, 256)])
+    captions = [s.caption for s in scenes]
+    real, got = geometry_accuracy(x, captions), geometry_accuracy(rec, captions)
+    return (f'shape by geometry, renderer {real["single"]:.3f} / {real["two"]:.3f}, '
+            f'reconstructions {got["single"]:.3f} / {got["two"]:.3f} (single / two)')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -198,11 +223,57 @@ def _text_modules(seed: int):
     return tok, tok2, clip, t5
 
 
+def stage_text(work: Path, steps: int, batch: int, lr: float, seed: int) -> None:
+    """Pre-train CLIP and T5 on the pool's captions alone to carry the caption's structure
+    (:class:`~senseflow_algos.shapes.text_probe.TextProbe`), as a real T5 arrives pre-trained."""
+    path = work / 'text.pt'
+    if path.exists():
+        log(f'text: {path} exists')
+        return
+    captions = _pool_captions(work)
+    tok, tok2, clip, t5 = _text_modules(seed)
+    probe = TextProbe(C.T5_WIDTH, C.CLIP_WIDTH)
+    modules = torch.nn.ModuleDict({'text_encoder': clip.train(), 'text_encoder_2': t5.train(), 'probe': probe})
+    opt = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    held_out = prompt_set(512, 5000)
+    t0, losses = time.time(), []
+    for step in range(steps):
+        rng = torch.Generator().manual_seed(seed * 1_000_003 + 11 * step + 5)
+        _set_lr(opt, step, steps, lr, 50)
+        prompts = [captions[i] for i in torch.randint(len(captions), (batch,), generator=rng).tolist()]
+        loss, accuracy = probe.loss(C.encode_prompts(prompts, tok, clip, tok2, t5), caption_labels(prompts))
+        optimizer_step(opt, loss, modules, max_grad_norm=1.0)
+        losses.append(loss.item())
+        _progress('text', step, steps, losses, step + 1, batch, t0)
+    modules.eval()
+    with torch.no_grad():
+        _, accuracy = probe.loss(C.encode_prompts(held_out, tok, clip, tok2, t5), caption_labels(held_out))
+    torch.save({'modules': modules.state_dict(), 'losses': losses, 'held_out_accuracy': accuracy}, path)
+    log(f'text: done in {(time.time() - t0) / 60:.1f} min; structure read back from both encoders on 512 held-out '
+        f'captions: {accuracy:.3f}')
+
+
+def _names_a_place(caption: str) -> bool:
+    """A position (``on the left``) or an ordering relation (``above``, ``to the left of``...): the captions whose
+    layout the model must learn from the words, not from the shapes' colours."""
+    return ' on the ' in caption or any(f' {r} ' in caption for r in RELATIONS if r != 'and')
+
+
 def stage_t2i(work: Path, steps: int, batch: int, lr: float, dropout: float, ema_decay: float, seed: int,
-              arch: dict, name: str = 't2i', init: str | None = None, position_fraction: float = 0.0) -> None:
-    """Flow matching of transformer and text encoders; ``init`` continues from another stage's weights and
-    ``position_fraction`` draws that share of each batch from captions that name a position (the rest from the
-    world's distribution)."""
+              arch: dict, name: str = 't2i', init: str | None = None, position_fraction: float = 0.0,
+              sigma_mean: float = 0.0, text_weight: float = 0.0) -> None:
+    """Flow matching of transformer and text encoders.
+
+    Args:
+        init: Continue from this stage's weights (``None``: a fresh transformer and the ``text`` stage's encoders
+            when it ran).
+        position_fraction: Share of each batch drawn from captions that name a position or an ordering relation
+            (the rest from the world's distribution).
+        sigma_mean: Mean of the logit-normal noise level (the shift the sampler applies: more weight on the high
+            noise where the layout is decided).
+        text_weight: Weight of the :class:`~senseflow_algos.shapes.text_probe.TextProbe` loss that keeps the
+            caption's structure readable in the jointly trained encoders (0: off).
+    """
     path = work / f'{name}.pt'
     if path.exists():
         log(f'{name}: {path} exists')
@@ -216,48 +287,65 @@ def stage_t2i(work: Path, steps: int, batch: int, lr: float, dropout: float, ema
     net = C.build_transformer(seed, **arch).train()
     clip.train(), t5.train()
     modules = torch.nn.ModuleDict({'transformer': net, 'text_encoder': clip, 'text_encoder_2': t5})
+    probe = TextProbe(C.T5_WIDTH, C.CLIP_WIDTH)
     if init is not None:
-        modules.load_state_dict(torch.load(work / init)['modules'])
+        source = torch.load(work / init)
+        modules.load_state_dict(source['modules'])
+        if 'probe' in source:
+            probe.load_state_dict(source['probe'])
+    elif (work / 'text.pt').exists():
+        text = torch.nn.ModuleDict({'text_encoder': clip, 'text_encoder_2': t5, 'probe': probe})
+        text.load_state_dict(torch.load(work / 'text.pt')['modules'])
+        log(f'{name}: text encoders from the text stage')
+    trained = torch.nn.ModuleDict({'networks': modules, 'probe': probe.train()})
     ema = EMA(modules, ema_decay)
-    opt = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(trained.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     start = 0
-    positional = torch.tensor([i for i, c in enumerate(captions) if ' on the ' in c])
+    focus = torch.tensor([i for i, c in enumerate(captions) if _names_a_place(c)])
     ckpt = work / f'{name}_ckpt.pt'
     if ckpt.exists():
         state = torch.load(ckpt)
-        modules.load_state_dict(state['modules']), opt.load_state_dict(state['opt'])
+        trained.load_state_dict(state['modules']), opt.load_state_dict(state['opt'])
         ema.load(state['ema'], state['ema_n'])
         start = state['step']
         log(f'{name}: resumed at step {start}')
     fam = FluxFamily()
     n_params = sum(p.numel() for p in net.parameters())
-    log(f'{name}: transformer {n_params / 1e6:.2f}M params, {len(latents)} pool latents')
-    t0, losses = time.time(), []
+    log(f'{name}: transformer {n_params / 1e6:.2f}M params, {len(latents)} pool latents, sigma logit-normal '
+        f'({sigma_mean:.2f}, 1), {position_fraction:.0%} of each batch naming a place, text loss x{text_weight}')
+    t0, losses, read = time.time(), [], []
     for step in range(start, steps):
         rng = torch.Generator().manual_seed(seed * 1_000_003 + step)
         _set_lr(opt, step, steps, lr, 100)
         idx = torch.randint(len(latents), (batch,), generator=rng)
         if position_fraction > 0:
-            pick = positional[torch.randint(len(positional), (batch,), generator=rng)]
+            pick = focus[torch.randint(len(focus), (batch,), generator=rng)]
             idx = torch.where(torch.rand(batch, generator=rng) < position_fraction, pick, idx)
         x0 = latents[idx]
         drop = torch.rand(batch, generator=rng) < dropout
         prompts = ['' if d else captions[i] for d, i in zip(drop.tolist(), idx.tolist())]
         cond = C.encode_prompts(prompts, tok, clip, tok2, t5)
-        sigma = flow.sample_logit_normal(batch, rng).float()
+        sigma = flow.sample_logit_normal(batch, rng, mean=sigma_mean).float()
         noise = flow.sample_noise(x0.shape, rng)
         x_t = flow.add_noise(x0, noise, sigma)
         v = fam.velocity(net, x_t, sigma, cond, torch.ones(batch))
         loss = F.mse_loss(v, noise - x0)
-        optimizer_step(opt, loss, modules, max_grad_norm=1.0)
+        total = loss
+        if text_weight > 0:
+            text_loss, accuracy = probe.loss(cond, caption_labels(prompts))
+            total = loss + text_weight * text_loss
+            read.append(accuracy)
+        optimizer_step(opt, total, trained, max_grad_norm=1.0)
         ema.update(modules)
         losses.append(loss.item())
         _progress(name, step, steps, losses, step + 1 - start, batch, t0)
+        if read and (step % 500 == 0 or step == steps - 1):
+            log(f'{name} {step}: caption structure read back {np.nanmean(read[-500:]):.3f}')
         if (step + 1) % 500 == 0 and step + 1 < steps:
-            torch.save({'modules': modules.state_dict(), 'opt': opt.state_dict(), 'ema': ema.shadow,
+            torch.save({'modules': trained.state_dict(), 'opt': opt.state_dict(), 'ema': ema.shadow,
                         'ema_n': ema.n, 'step': step + 1}, ckpt)
     ema.copy_to(modules)
-    torch.save({'modules': modules.state_dict(), 'arch': arch, 'losses': losses}, path)
+    torch.save({'modules': modules.state_dict(), 'probe': probe.state_dict(), 'arch': arch, 'losses': losses}, path)
     log(f'{name}: done in {(time.time() - t0) / 60:.1f} min')
 
 
@@ -338,7 +426,53 @@ def stage_save(work: Path, out: Path, seed: int, arch: dict, source: str = 'guid
                         transformer=net.eval())
     pipe.save_pretrained(out, safe_serialization=True)
     size = sum(f.stat().st_size for f in out.rglob('*') if f.is_file())
+    (out / 'README.md').write_text(model_card(pipe, size, work))
     log(f'save: {out} ({size / 2**20:.2f} MiB)')
+
+
+def model_card(pipe, size_bytes: int, work: Path) -> str:
+    """The teacher folder's short model card: what it is, the one correct call, how it was trained."""
+    def millions(m):
+        return f'{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M'
+
+    args = json.loads((work / 'args.json').read_text()) if (work / 'args.json').exists() else {}
+    t = pipe.transformer.config
+    lo, hi = args.get('guidance_range', (1.0, 8.0))
+    return f"""# Shapes-world teacher (toy FLUX.1-dev)
+
+A guidance-distilled text-to-image `FluxPipeline` trained from scratch on the project's shapes world (32x32 images of
+one or two flat shapes, captions such as `a red circle above a blue square`). It is the embedded default teacher of
+senseflow-composer: `composer train.py yamls/shapes.yaml` distils it into a 4-step student on a CPU.
+
+## Call it like this
+
+```python
+import torch
+from diffusers import FluxPipeline
+
+pipe = FluxPipeline.from_pretrained('senseflow_algos/shapes/assets/teacher', torch_dtype=torch.float32)
+image = pipe('a red circle above a blue square', height={C.RESOLUTION}, width={C.RESOLUTION}, num_inference_steps={C.DEFAULT_STEPS},
+             guidance_scale={C.DEFAULT_GUIDANCE:g}, max_sequence_length={C.MAX_SEQUENCE_LENGTH}).images[0]
+```
+
+- `max_sequence_length={C.MAX_SEQUENCE_LENGTH}`: the T5 length it was trained with (FLUX's default 512 pads tokens it never saw).
+- `height` / `width` {C.RESOLUTION}: its only resolution (the default 1024 is 32x outside it).
+- `guidance_scale`: embedded (FLUX.1-dev style) guidance, trained for {lo:g} to {hi:g}; {C.DEFAULT_GUIDANCE:g} is the reference.
+
+## What is inside ({size_bytes / 2**20:.1f} MiB, fp32 safetensors)
+
+- transformer: `FluxTransformer2DModel`, {millions(pipe.transformer)} parameters, {t.num_layers} double + {t.num_single_layers} single
+  blocks, {t.num_attention_heads} heads x {t.attention_head_dim}, guidance embedding;
+- vae: `AutoencoderKL`, {millions(pipe.vae)}, {pipe.vae.config.latent_channels} latent channels, 32x32 <-> 8x8 (16 image tokens);
+- text_encoder: `CLIPTextModel` ({millions(pipe.text_encoder)}, pooled), text_encoder_2: `T5EncoderModel`
+  ({millions(pipe.text_encoder_2)}, {pipe.text_encoder_2.config.num_layers} layers), with the project's word-level tokenizers.
+
+## How it was trained
+
+`python -m senseflow_algos.shapes.train_teacher` (resumable stages data, vae, text, t2i, t2i_ft, guidance, save;
+seed {args.get('seed', 0)}, on 2 CPU cores). Measured quality, method and reasons: `senseflow_algos/shapes/README.md`
+in senseflow-composer.
+"""
 
 
 def main(argv=None) -> None:
@@ -349,21 +483,30 @@ def main(argv=None) -> None:
     p.add_argument('--stages', default=','.join(STAGES))
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int, default=1, help='torch intra-op threads (1: fastest on a shared 2-core machine)')
-    p.add_argument('--pool', type=int, default=24000, help='rendered training samples')
-    p.add_argument('--vae-steps', type=int, default=800)
+    p.add_argument('--pool', type=int, default=40000, help='rendered training samples')
+    p.add_argument('--vae-steps', type=int, default=3000)
     p.add_argument('--vae-batch', type=int, default=32)
-    p.add_argument('--vae-lr', type=float, default=2e-3)
+    p.add_argument('--vae-lr', type=float, default=1e-3)
     p.add_argument('--kl-weight', type=float, default=1e-4)
-    p.add_argument('--t2i-steps', type=int, default=4000)
+    p.add_argument('--text-steps', type=int, default=3000, help='stage text: caption-structure pre-training steps')
+    p.add_argument('--text-batch', type=int, default=128)
+    p.add_argument('--text-lr', type=float, default=1e-3)
+    p.add_argument('--text-weight', type=float, default=0.1, help='caption-structure loss weight in t2i stages')
+    p.add_argument('--sigma-mean', type=float, default=FluxFamily().mu((8, 8)),
+                   help="logit-normal mean of the training noise level (default: FLUX's shift at 16 tokens)")
+    p.add_argument('--t2i-steps', type=int, default=6000)
     p.add_argument('--t2i-batch', type=int, default=64)
     p.add_argument('--t2i-lr', type=float, default=6e-4)
+    p.add_argument('--t2i-place-fraction', type=float, default=0.25,
+                   help='share of each t2i batch drawn from captions naming a position or an ordering relation')
     p.add_argument('--caption-dropout', type=float, default=0.1)
-    p.add_argument('--ft-steps', type=int, default=2500, help='stage t2i_ft: steps (0 skips the stage)')
+    p.add_argument('--ft-steps', type=int, default=3000, help='stage t2i_ft: steps (0 skips the stage)')
     p.add_argument('--ft-lr', type=float, default=3e-4)
-    p.add_argument('--ft-position-fraction', type=float, default=0.5)
-    p.add_argument('--ft-rounds', type=int, default=2, help='t2i_ft rounds, each continuing from the previous')
+    p.add_argument('--ft-position-fraction', type=float, default=0.5,
+                   help='share of each t2i_ft batch drawn from captions naming a position or an ordering relation')
+    p.add_argument('--ft-rounds', type=int, default=1, help='t2i_ft rounds, each continuing from the previous')
     p.add_argument('--ft-lr-decay', type=float, default=0.67, help='learning-rate factor per t2i_ft round')
-    p.add_argument('--guidance-steps', type=int, default=1000)
+    p.add_argument('--guidance-steps', type=int, default=1200)
     p.add_argument('--guidance-batch', type=int, default=64)
     p.add_argument('--guidance-lr', type=float, default=3e-4)
     p.add_argument('--guidance-range', type=float, nargs=2, default=(1.0, 8.0))
@@ -384,13 +527,18 @@ def main(argv=None) -> None:
         stage_data(work, a.pool)
     if 'vae' in stages:
         stage_vae(work, a.vae_steps, a.vae_batch, a.vae_lr, a.kl_weight, a.seed)
+    if 'text' in stages and a.text_steps > 0:
+        stage_text(work, a.text_steps, a.text_batch, a.text_lr, a.seed)
+    flow_kwargs = dict(sigma_mean=a.sigma_mean, text_weight=a.text_weight)
     if 't2i' in stages:
-        stage_t2i(work, a.t2i_steps, a.t2i_batch, a.t2i_lr, a.caption_dropout, a.ema, a.seed, arch)
+        stage_t2i(work, a.t2i_steps, a.t2i_batch, a.t2i_lr, a.caption_dropout, a.ema, a.seed, arch,
+                  position_fraction=a.t2i_place_fraction, **flow_kwargs)
     if 't2i_ft' in stages and a.ft_steps > 0:
         for r in range(a.ft_rounds):
             name, init = _ft_name(r), 't2i.pt' if r == 0 else f'{_ft_name(r - 1)}.pt'
             stage_t2i(work, a.ft_steps, a.t2i_batch, a.ft_lr * a.ft_lr_decay**r, a.caption_dropout, a.ema,
-                      a.seed + 1 + r, arch, name=name, init=init, position_fraction=a.ft_position_fraction)
+                      a.seed + 1 + r, arch, name=name, init=init, position_fraction=a.ft_position_fraction,
+                      **flow_kwargs)
     if 'guidance' in stages:
         stage_guidance(work, a.guidance_steps, a.guidance_batch, a.guidance_lr, tuple(a.guidance_range), a.ema,
                        a.seed, arch, a.ft_rounds if a.ft_steps > 0 else 0)

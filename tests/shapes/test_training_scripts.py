@@ -34,10 +34,17 @@ def test_teacher_script_end_to_end(tmp_path):
 
     work, out = tmp_path / 'work', tmp_path / 'teacher'
     main(['--out', str(out), '--work', str(work), '--pool', '64', '--vae-steps', '2', '--vae-batch', '4',
-          '--t2i-steps', '2', '--t2i-batch', '4', '--ft-steps', '2', '--guidance-steps', '2', '--guidance-batch', '4',
+          '--text-steps', '2', '--text-batch', '4', '--t2i-steps', '2', '--t2i-batch', '4', '--ft-steps', '2',
+          '--ft-rounds', '2', '--guidance-steps', '2', '--guidance-batch', '4',
           '--heads', '2', '--head-dim', '16', '--double', '1', '--single', '1'])
-    assert {'t2i.pt', 't2i_ft.pt', 't2i_ft2.pt', 'guidance.pt'} <= {p.name for p in work.iterdir()}
+    assert {'text.pt', 't2i.pt', 't2i_ft.pt', 't2i_ft2.pt', 'guidance.pt'} <= {p.name for p in work.iterdir()}
     pipe = C.load_teacher(out)
+    card = (out / 'README.md').read_text()
+    assert 'max_sequence_length=12' in card and 'height=32, width=32' in card
+    # The t2i stage started from the text stage's encoders (then trained them further).
+    text = torch.load(work / 'text.pt')['modules']
+    t2i = torch.load(work / 't2i.pt')['modules']
+    assert set(text) - {k for k in text if k.startswith('probe.')} <= set(t2i)
     saved = torch.load(work / 'guidance.pt')['modules']
     for k, v in pipe.transformer.state_dict().items():
         assert torch.equal(v, saved[f'transformer.{k}']), k
