@@ -2,10 +2,11 @@
 
 The teacher uses the classes of FLUX.1-dev at a toy size:
 
-* ``FluxTransformer2DModel`` with a guidance embedding (hidden 64 = 4 heads x 16, 2 double + 2 single blocks);
-* ``AutoencoderKL`` with 3 levels (spatial factor 4) and 8 latent channels: 32x32 images <-> 8x8x8 latents, i.e.
-  16 packed image tokens;
-* ``CLIPTextModel`` (pooled, width 32) and ``T5EncoderModel`` (sequence, width 64) with the project's tiny
+* ``FluxTransformer2DModel`` with a guidance embedding (the shipped teacher: hidden 128 = 4 heads x 32, 3 double +
+  3 single blocks);
+* ``AutoencoderKL`` with 3 levels (channels 32, 64, 64; spatial factor 4) and 16 latent channels: 32x32 images <->
+  8x8x16 latents, i.e. 16 packed image tokens;
+* ``CLIPTextModel`` (pooled, width 32) and ``T5EncoderModel`` (sequence, width 64, 3 layers) with the project's tiny
   tokenizers (:mod:`senseflow_algos.models.tiny_tokenizers`: every caption word is one token), CLIP padded to 16
   tokens and T5 to :data:`MAX_SEQUENCE_LENGTH`;
 * ``FlowMatchEulerDiscreteScheduler`` with FLUX's dynamic shift.

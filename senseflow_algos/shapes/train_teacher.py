@@ -44,7 +44,7 @@ from senseflow_algos.models.families.flux import FluxFamily
 from senseflow_algos.shapes import components as C
 from senseflow_algos.shapes.text_probe import TextProbe, caption_labels
 from senseflow_algos.shapes.training import log, optimizer_step, warmup_cosine
-from senseflow_algos.shapes.world import RELATIONS, prompt_set, render, sample_scene
+from senseflow_algos.shapes.world import RELATIONS, parse_caption, prompt_set, render, sample_scene
 
 WORLD_SEED = 1000
 STAGES = ('data', 'vae', 'text', 't2i', 't2i_ft', 'guidance', 'save')
@@ -259,16 +259,27 @@ def _names_a_place(caption: str) -> bool:
     return ' on the ' in caption or any(f' {r} ' in caption for r in RELATIONS if r != 'and')
 
 
+def _place_or_two(caption: str) -> bool:
+    """A position, or two objects (with or without a relation): everything but the plain one-shape caption."""
+    return ' on the ' in caption or len(parse_caption(caption)['objects']) == 2
+
+
+#: Which captions a stage's ``position_fraction`` draws from (``--t2i-focus`` / ``--ft-focus``).
+FOCUS = {'place': _names_a_place, 'place_or_two': _place_or_two}
+
+
 def stage_t2i(work: Path, steps: int, batch: int, lr: float, dropout: float, ema_decay: float, seed: int,
               arch: dict, name: str = 't2i', init: str | None = None, position_fraction: float = 0.0,
-              sigma_mean: float = 0.0, text_weight: float = 0.0) -> None:
+              sigma_mean: float = 0.0, text_weight: float = 0.0, focus: str = 'place') -> None:
     """Flow matching of transformer and text encoders.
 
     Args:
         init: Continue from this stage's weights (``None``: a fresh transformer and the ``text`` stage's encoders
             when it ran).
-        position_fraction: Share of each batch drawn from captions that name a position or an ordering relation
-            (the rest from the world's distribution).
+        position_fraction: Share of each batch drawn from the ``focus`` captions (the rest from the world's
+            distribution).
+        focus: Which captions (:data:`FOCUS`): ``place`` (a position or an ordering relation) or ``place_or_two``
+            (a position, or two objects).
         sigma_mean: Mean of the logit-normal noise level (the shift the sampler applies: more weight on the high
             noise where the layout is decided).
         text_weight: Weight of the :class:`~senseflow_algos.shapes.text_probe.TextProbe` loss that keeps the
@@ -301,7 +312,7 @@ def stage_t2i(work: Path, steps: int, batch: int, lr: float, dropout: float, ema
     ema = EMA(modules, ema_decay)
     opt = torch.optim.AdamW(trained.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     start = 0
-    focus = torch.tensor([i for i, c in enumerate(captions) if _names_a_place(c)])
+    chosen = torch.tensor([i for i, c in enumerate(captions) if FOCUS[focus](c)])
     ckpt = work / f'{name}_ckpt.pt'
     if ckpt.exists():
         state = torch.load(ckpt)
@@ -312,14 +323,14 @@ def stage_t2i(work: Path, steps: int, batch: int, lr: float, dropout: float, ema
     fam = FluxFamily()
     n_params = sum(p.numel() for p in net.parameters())
     log(f'{name}: transformer {n_params / 1e6:.2f}M params, {len(latents)} pool latents, sigma logit-normal '
-        f'({sigma_mean:.2f}, 1), {position_fraction:.0%} of each batch naming a place, text loss x{text_weight}')
+        f'({sigma_mean:.2f}, 1), {position_fraction:.0%} of each batch from {focus} captions, text loss x{text_weight}')
     t0, losses, read = time.time(), [], []
     for step in range(start, steps):
         rng = torch.Generator().manual_seed(seed * 1_000_003 + step)
         _set_lr(opt, step, steps, lr, 100)
         idx = torch.randint(len(latents), (batch,), generator=rng)
         if position_fraction > 0:
-            pick = focus[torch.randint(len(focus), (batch,), generator=rng)]
+            pick = chosen[torch.randint(len(chosen), (batch,), generator=rng)]
             idx = torch.where(torch.rand(batch, generator=rng) < position_fraction, pick, idx)
         x0 = latents[idx]
         drop = torch.rand(batch, generator=rng) < dropout
@@ -498,12 +509,14 @@ def main(argv=None) -> None:
     p.add_argument('--t2i-batch', type=int, default=64)
     p.add_argument('--t2i-lr', type=float, default=6e-4)
     p.add_argument('--t2i-place-fraction', type=float, default=0.25,
-                   help='share of each t2i batch drawn from captions naming a position or an ordering relation')
+                   help='share of each t2i batch drawn from the --t2i-focus captions')
+    p.add_argument('--t2i-focus', choices=sorted(FOCUS), default='place')
     p.add_argument('--caption-dropout', type=float, default=0.1)
-    p.add_argument('--ft-steps', type=int, default=3000, help='stage t2i_ft: steps (0 skips the stage)')
+    p.add_argument('--ft-steps', type=int, default=4000, help='stage t2i_ft: steps (0 skips the stage)')
     p.add_argument('--ft-lr', type=float, default=3e-4)
     p.add_argument('--ft-position-fraction', type=float, default=0.5,
-                   help='share of each t2i_ft batch drawn from captions naming a position or an ordering relation')
+                   help='share of each t2i_ft batch drawn from the --ft-focus captions')
+    p.add_argument('--ft-focus', choices=sorted(FOCUS), default='place_or_two')
     p.add_argument('--ft-rounds', type=int, default=1, help='t2i_ft rounds, each continuing from the previous')
     p.add_argument('--ft-lr-decay', type=float, default=0.67, help='learning-rate factor per t2i_ft round')
     p.add_argument('--guidance-steps', type=int, default=1200)
@@ -532,13 +545,13 @@ def main(argv=None) -> None:
     flow_kwargs = dict(sigma_mean=a.sigma_mean, text_weight=a.text_weight)
     if 't2i' in stages:
         stage_t2i(work, a.t2i_steps, a.t2i_batch, a.t2i_lr, a.caption_dropout, a.ema, a.seed, arch,
-                  position_fraction=a.t2i_place_fraction, **flow_kwargs)
+                  position_fraction=a.t2i_place_fraction, focus=a.t2i_focus, **flow_kwargs)
     if 't2i_ft' in stages and a.ft_steps > 0:
         for r in range(a.ft_rounds):
             name, init = _ft_name(r), 't2i.pt' if r == 0 else f'{_ft_name(r - 1)}.pt'
             stage_t2i(work, a.ft_steps, a.t2i_batch, a.ft_lr * a.ft_lr_decay**r, a.caption_dropout, a.ema,
                       a.seed + 1 + r, arch, name=name, init=init, position_fraction=a.ft_position_fraction,
-                      **flow_kwargs)
+                      focus=a.ft_focus, **flow_kwargs)
     if 'guidance' in stages:
         stage_guidance(work, a.guidance_steps, a.guidance_batch, a.guidance_lr, tuple(a.guidance_range), a.ema,
                        a.seed, arch, a.ft_rounds if a.ft_steps > 0 else 0)
