@@ -512,7 +512,7 @@ def main(argv=None) -> None:
                    help='share of each t2i batch drawn from the --t2i-focus captions')
     p.add_argument('--t2i-focus', choices=sorted(FOCUS), default='place')
     p.add_argument('--caption-dropout', type=float, default=0.1)
-    p.add_argument('--ft-steps', type=int, default=4000, help='stage t2i_ft: steps (0 skips the stage)')
+    p.add_argument('--ft-steps', type=int, default=2500, help='stage t2i_ft: steps (0 skips the stage)')
     p.add_argument('--ft-lr', type=float, default=3e-4)
     p.add_argument('--ft-position-fraction', type=float, default=0.5,
                    help='share of each t2i_ft batch drawn from the --ft-focus captions')

@@ -45,6 +45,23 @@ def test_teacher_script_end_to_end(tmp_path):
     text = torch.load(work / 'text.pt')['modules']
     t2i = torch.load(work / 't2i.pt')['modules']
     assert set(text) - {k for k in text if k.startswith('probe.')} <= set(t2i)
+    # stage_check at CFG 1 is the plain conditional model: the library's Euler on the stage weights, decoded.
+    from senseflow_algos.models.families.flux import FluxFamily
+    from senseflow_algos.shapes.report import _noise
+    from senseflow_algos.shapes.stage_check import stage_images
+
+    prompts = ['a red circle above a blue square', 'a green square']
+    got, _ = stage_images(work, 't2i.pt', prompts, guidance=1.0, steps=3, seed=1)
+    tok, tok2 = C.build_tokenizers()
+    clip, t5 = C.build_text_encoders(tok, tok2)
+    net = C.build_transformer(0, heads=2, head_dim=16, double=1, single=1)
+    torch.nn.ModuleDict({'transformer': net, 'text_encoder': clip, 'text_encoder_2': t5}).load_state_dict(t2i)
+    fam = FluxFamily()
+    with torch.no_grad():
+        lat = C.sample_euler(net.eval(), C.encode_prompts(prompts, tok, clip.eval(), tok2, t5.eval()),
+                             C.teacher_sigmas(3), _noise(2, (C.LATENT_CHANNELS, 8, 8), 1), guidance=1.0)
+        expected = fam.decode_latents(pipe.vae, lat).clamp(-1, 1)
+    assert torch.allclose(got, expected, atol=1e-5)
     saved = torch.load(work / 'guidance.pt')['modules']
     for k, v in pipe.transformer.state_dict().items():
         assert torch.equal(v, saved[f'transformer.{k}']), k
