@@ -89,12 +89,15 @@ def run_variant(name: str, seed: int, batches: int, extra: list[str]) -> dict:
 
 
 def prefill_teacher_cache(num_prompts: int = 512, cache: str = 'runs/shapes_cache') -> None:
-    """Sample the teacher's 50-step reference sets once (the runs' report callbacks then read them from the cache
-    instead of each sampling them)."""
+    """Sample the teacher's 50-step reference sets (FD-T's two noise seeds and the diversity score's seeds) once: the
+    runs' report callbacks then read them from the cache instead of each sampling them."""
     import torch
 
     from senseflow_algos.shapes import components as C
     from senseflow_algos.shapes.report import (
+        DIVERSITY_PROMPTS,
+        DIVERSITY_SEED,
+        DIVERSITY_SEEDS,
         TeacherSampler,
         cached_teacher_images,
         fingerprint,
@@ -106,12 +109,14 @@ def prefill_teacher_cache(num_prompts: int = 512, cache: str = 'runs/shapes_cach
     pipe = C.load_teacher()
     key, prompts = fingerprint(pipe.transformer), prompt_suite(num_prompts)
     sampler = TeacherSampler.from_pipeline(pipe)
-    for seed in (0, 1):
-        path = teacher_cache_path(REPO / cache, key, C.DEFAULT_STEPS, C.DEFAULT_GUIDANCE, num_prompts, seed)
+    few = prompt_suite(DIVERSITY_PROMPTS)
+    sets = [(prompts, seed) for seed in (0, 1)] + [(few, DIVERSITY_SEED + s) for s in range(DIVERSITY_SEEDS)]
+    for chosen, seed in sets:
+        path = teacher_cache_path(REPO / cache, key, C.DEFAULT_STEPS, C.DEFAULT_GUIDANCE, len(chosen), seed)
         if not path.exists():
             t = time.time()
-            cached_teacher_images(sampler, prompts, C.DEFAULT_STEPS, C.DEFAULT_GUIDANCE, seed, path)
-            print(f'teacher reference seed {seed}: {time.time() - t:.0f}s -> {path}', flush=True)
+            cached_teacher_images(sampler, chosen, C.DEFAULT_STEPS, C.DEFAULT_GUIDANCE, seed, path)
+            print(f'teacher reference, {len(chosen)} prompts, seed {seed}: {time.time() - t:.0f}s -> {path}', flush=True)
 
 
 def _fmt(v, digits=3):
@@ -242,16 +247,18 @@ def main(argv=None) -> int:
     p.add_argument('--parallel', type=int, default=2)
     p.add_argument('--only', default=','.join(VARIANTS))
     p.add_argument('--seeds', default='17,18,19', help='training seeds (comma-separated); 17 is yamls/shapes.yaml\'s')
+    p.add_argument('--prompts', type=int, default=512, help='prompts of each run\'s shapes report (the demo\'s: 512)')
     p.add_argument('overrides', nargs='*', help='extra dotted.key=value overrides for every run')
     a = p.parse_args(argv)
     names = [n for n in a.only.split(',') if n]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         p.error(f'--only: unknown variant(s) {unknown}; choose from {list(VARIANTS)}')
-    prefill_teacher_cache()
+    prefill_teacher_cache(a.prompts)
     seeds = [int(x) for x in a.seeds.split(',') if x]
+    extra = [f'callbacks.shapes_report.num_prompts={a.prompts}', *a.overrides]
     with ThreadPoolExecutor(max_workers=a.parallel) as pool:
-        futures = {(n, s): pool.submit(run_variant, n, s, a.batches, a.overrides) for s in seeds for n in names}
+        futures = {(n, s): pool.submit(run_variant, n, s, a.batches, extra) for s in seeds for n in names}
         reports = {n: {s: futures[(n, s)].result() for s in seeds} for n in names}
     write_results(reports, a.batches, 'python ' + ' '.join(sys.argv))
     return 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,8 +167,11 @@ def cached_teacher_images(sampler: TeacherSampler, prompts, steps, guidance, see
         return d['images'], d['sec_per_image']
     images, dt = _timed(lambda: sampler.generate(prompts, steps, guidance, seed))
     if cache_file is not None:
+        # Written aside and renamed: runs in parallel (bench/shapes_ablation.py) may read the same file.
         Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({'images': images, 'sec_per_image': dt / len(prompts)}, cache_file)
+        partial = Path(cache_file).with_name(f'{Path(cache_file).name}.{os.getpid()}.partial')
+        torch.save({'images': images, 'sec_per_image': dt / len(prompts)}, partial)
+        os.replace(partial, cache_file)
     return images, dt / len(prompts)
 
 
