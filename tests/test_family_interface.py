@@ -26,6 +26,7 @@ FIRST_FAMILIES_ELSEWHERE = {
         'senseflow_algos/shapes/components.py',  # the shapes world is a FLUX world by design
         'senseflow_algos/shapes/report.py',
         'senseflow_algos/shapes/train_teacher.py',
+        'senseflow_algos/shapes/stage_check.py',  # samples a shapes teacher stage (a FLUX network)
     },
     'sd35': {
         'senseflow_algos/__init__.py', 'senseflow_algos/models/__init__.py',

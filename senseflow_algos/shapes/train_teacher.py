@@ -517,7 +517,7 @@ def main(argv=None) -> None:
     p.add_argument('--ft-position-fraction', type=float, default=0.5,
                    help='share of each t2i_ft batch drawn from the --ft-focus captions')
     p.add_argument('--ft-focus', choices=sorted(FOCUS), default='place_or_two')
-    p.add_argument('--ft-rounds', type=int, default=2, help='t2i_ft rounds, each continuing from the previous')
+    p.add_argument('--ft-rounds', type=int, default=3, help='t2i_ft rounds, each continuing from the previous')
     p.add_argument('--ft-lr-decay', type=float, default=0.67, help='learning-rate factor per t2i_ft round')
     p.add_argument('--guidance-steps', type=int, default=1200)
     p.add_argument('--guidance-batch', type=int, default=64)

@@ -24,6 +24,10 @@ def test_components_and_size(pipe):
     size = sum(f.stat().st_size for f in C.TEACHER_DIR.rglob('*') if f.is_file())
     assert size < 20 * 2**20
     assert not list(C.TEACHER_DIR.rglob('*.bin'))  # safetensors only
+    # The model card gives the one correct call: the trained resolution and T5 length, not FLUX's 1024 px / 512.
+    card = (C.TEACHER_DIR / 'README.md').read_text()
+    assert f'max_sequence_length={C.MAX_SEQUENCE_LENGTH}' in card and 'height=32, width=32' in card
+    assert pipe.vae.config.latent_channels == C.LATENT_CHANNELS
 
 
 def test_pipeline_call_makes_an_image(pipe):
