@@ -39,7 +39,8 @@ def stage_images(work: Path, file: str, prompts: list[str], guidance: float, ste
     vae = AutoencoderKL.from_pretrained(work / 'vae').eval()
     family, n = FluxFamily(), len(prompts)
     cond = C.encode_prompts(prompts, tok, clip, tok2, t5)
-    both = {k: torch.cat([v, C.encode_prompts([''] * n, tok, clip, tok2, t5)[k]]) for k, v in cond.items()}
+    empty = C.encode_prompts([''] * n, tok, clip, tok2, t5)
+    both = {k: torch.cat([v, empty[k]]) for k, v in cond.items()}
     plain = torch.ones(2 * n)  # the stage's guidance input: 1, the plain conditional model
 
     def velocity(x, sigma):
