@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -134,10 +135,7 @@ def row_metrics(row: dict) -> dict[str, float]:
 
 def seed_stats(values: list[float]) -> dict[str, float]:
     """Mean and sample standard deviation (``n - 1``; NaN for one seed)."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean)**2 for v in values) / (n - 1)) if n > 1 else float('nan')
-    return {'mean': mean, 'std': std}
+    return {'mean': statistics.fmean(values), 'std': statistics.stdev(values) if len(values) > 1 else float('nan')}
 
 
 def compare(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
