@@ -5,7 +5,9 @@
 Reads ``<work>/<file>`` (a ``t2i`` / ``t2i_ft`` stage output or its ``*_ckpt.pt``: the EMA weights when present), the
 stage's VAE and ``args.json`` (the architecture), samples ``n`` prompts of the report suite (half one-shape, half
 two-shape) with ``steps`` Euler steps of ``v_u + w (v_c - v_u)`` (the stage's model is not guidance-distilled yet) and
-prints the evaluator's accuracies and the shape-by-geometry check. Runs with one thread beside the training.
+prints the evaluator's accuracies and the shape-by-geometry check. ``--embedded`` scores the ``guidance`` stage's
+output instead (one pass, the guidance in its embedding, as the exported pipeline samples): the two side by side
+show what guidance distillation costs. Runs with one thread beside the training.
 """
 
 from __future__ import annotations
@@ -22,8 +24,13 @@ from senseflow_algos.shapes import components as C
 
 
 @torch.no_grad()
-def stage_images(work: Path, file: str, prompts: list[str], guidance: float, steps: int, seed: int = 1):
-    """Images ``(N, 3, 32, 32)`` in [-1, 1] of a stage checkpoint under real CFG ``guidance``."""
+def stage_images(work: Path, file: str, prompts: list[str], guidance: float, steps: int, seed: int = 1,
+                 embedded: bool = False):
+    """Images ``(N, 3, 32, 32)`` in [-1, 1] of a stage checkpoint under real CFG ``guidance``.
+
+    With ``embedded`` the checkpoint is the ``guidance`` stage's output: one pass with ``guidance`` in its guidance
+    embedding instead of the two-pass combination.
+    """
     from diffusers import AutoencoderKL
 
     from senseflow_algos.models.families.flux import FluxFamily
@@ -45,6 +52,8 @@ def stage_images(work: Path, file: str, prompts: list[str], guidance: float, ste
 
     def velocity(x, sigma):
         sigma = torch.as_tensor(sigma)
+        if embedded:
+            return family.velocity(net, x, sigma, cond, torch.full((n,), guidance))
         v_c, v_u = family.velocity(net, torch.cat([x, x]), torch.cat([sigma, sigma]) if sigma.dim() else sigma,
                                    both, plain).chunk(2)
         return v_u + guidance * (v_c - v_u)
@@ -66,14 +75,16 @@ def main(argv=None) -> None:
     p.add_argument('-n', type=int, default=128)
     p.add_argument('--steps', type=int, default=30)
     p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--embedded', action='store_true',
+                   help='the file is guidance-distilled (guidance.pt): guidance goes into its embedding')
     a = p.parse_args(argv)
     C.num_threads(a.threads)
     t = time.time()
     prompts = prompt_suite(a.n)
-    images, step = stage_images(Path(a.work), a.file, prompts, a.guidance, a.steps)
+    images, step = stage_images(Path(a.work), a.file, prompts, a.guidance, a.steps, embedded=a.embedded)
     row = evaluate_images(ShapesEvaluator(), images, prompts)
     acc, geo = row['acc'], row['geometry']
-    print(f'{a.file} (step {step}), CFG {a.guidance:g}, {a.steps} steps, {a.n} prompts: '
+    print(f'{a.file} (step {step}), {"embedded" if a.embedded else "CFG"} {a.guidance:g}, {a.steps} steps, {a.n} prompts: '
           f'single {acc["single"]["prompt"]:.3f}, two {acc["two"]["prompt"]:.3f}, position '
           f'{acc["single"]["position"]:.3f}, relation {acc["two"]["relation"]:.3f}, object (two) '
           f'{acc["two"]["object"]:.3f}, count (two) {acc["two"]["count"]:.3f}, shape by geometry '

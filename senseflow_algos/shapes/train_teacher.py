@@ -268,6 +268,28 @@ def _place_or_two(caption: str) -> bool:
 FOCUS = {'place': _names_a_place, 'place_or_two': _place_or_two}
 
 
+CHECKPOINT_EVERY = 500
+
+
+def _resume(ckpt: Path, trained: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMA, name: str) -> int:
+    """Load a stage's mid-way checkpoint into ``trained`` / ``opt`` / ``ema`` if there is one; the step to go on at."""
+    if not ckpt.exists():
+        return 0
+    state = torch.load(ckpt)
+    trained.load_state_dict(state['modules']), opt.load_state_dict(state['opt'])
+    ema.load(state['ema'], state['ema_n'])
+    log(f'{name}: resumed at step {state["step"]}')
+    return state['step']
+
+
+def _checkpoint(ckpt: Path, step: int, steps: int, trained: torch.nn.Module, opt: torch.optim.Optimizer,
+                ema: EMA) -> None:
+    """Every ``CHECKPOINT_EVERY`` steps (not after the last: the stage's output follows) save what ``_resume`` reads."""
+    if (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < steps:
+        torch.save({'modules': trained.state_dict(), 'opt': opt.state_dict(), 'ema': ema.shadow, 'ema_n': ema.n,
+                    'step': step + 1}, ckpt)
+
+
 def stage_t2i(work: Path, steps: int, batch: int, lr: float, dropout: float, ema_decay: float, seed: int,
               arch: dict, name: str = 't2i', init: str | None = None, position_fraction: float = 0.0,
               sigma_mean: float = 0.0, text_weight: float = 0.0, focus: str = 'place') -> None:
@@ -311,15 +333,9 @@ def stage_t2i(work: Path, steps: int, batch: int, lr: float, dropout: float, ema
     trained = torch.nn.ModuleDict({'networks': modules, 'probe': probe.train()})
     ema = EMA(modules, ema_decay)
     opt = torch.optim.AdamW(trained.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
-    start = 0
     chosen = torch.tensor([i for i, c in enumerate(captions) if FOCUS[focus](c)])
     ckpt = work / f'{name}_ckpt.pt'
-    if ckpt.exists():
-        state = torch.load(ckpt)
-        trained.load_state_dict(state['modules']), opt.load_state_dict(state['opt'])
-        ema.load(state['ema'], state['ema_n'])
-        start = state['step']
-        log(f'{name}: resumed at step {start}')
+    start = _resume(ckpt, trained, opt, ema, name)
     fam = FluxFamily()
     n_params = sum(p.numel() for p in net.parameters())
     log(f'{name}: transformer {n_params / 1e6:.2f}M params, {len(latents)} pool latents, sigma logit-normal '
@@ -352,9 +368,7 @@ def stage_t2i(work: Path, steps: int, batch: int, lr: float, dropout: float, ema
         _progress(name, step, steps, losses, step + 1 - start, batch, t0)
         if read and (step % 500 == 0 or step == steps - 1):
             log(f'{name} {step}: caption structure read back {np.nanmean(read[-500:]):.3f}')
-        if (step + 1) % 500 == 0 and step + 1 < steps:
-            torch.save({'modules': trained.state_dict(), 'opt': opt.state_dict(), 'ema': ema.shadow,
-                        'ema_n': ema.n, 'step': step + 1}, ckpt)
+        _checkpoint(ckpt, step, steps, trained, opt, ema)
     ema.copy_to(modules)
     torch.save({'modules': modules.state_dict(), 'probe': probe.state_dict(), 'arch': arch, 'losses': losses}, path)
     log(f'{name}: done in {(time.time() - t0) / 60:.1f} min')
@@ -390,9 +404,11 @@ def stage_guidance(work: Path, steps: int, batch: int, lr: float, guidance_range
     fam = FluxFamily()
     with torch.no_grad():
         uncond1 = C.encode_prompts([''], tok, clip, tok2, t5)
+    ckpt = work / 'guidance_ckpt.pt'
+    start = _resume(ckpt, student, opt, ema, 'guidance')
     t0, losses = time.time(), []
     lo, hi = guidance_range
-    for step in range(steps):
+    for step in range(start, steps):
         rng = torch.Generator().manual_seed(seed * 1_000_003 + 7 * step + 1)
         _set_lr(opt, step, steps, lr, 50)
         idx = torch.randint(len(latents), (batch,), generator=rng)
@@ -414,7 +430,8 @@ def stage_guidance(work: Path, steps: int, batch: int, lr: float, guidance_range
         optimizer_step(opt, loss, student, max_grad_norm=1.0)
         ema.update(student)
         losses.append(loss.item())
-        _progress('guidance', step, steps, losses, step + 1, batch, t0)
+        _progress('guidance', step, steps, losses, step + 1 - start, batch, t0)
+        _checkpoint(ckpt, step, steps, student, opt, ema)
     ema.copy_to(student)
     modules['transformer'] = student
     torch.save({'modules': modules.state_dict(), 'arch': arch, 'losses': losses}, path)

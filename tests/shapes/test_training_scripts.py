@@ -65,9 +65,57 @@ def test_teacher_script_end_to_end(tmp_path):
     saved = torch.load(work / 'guidance.pt')['modules']
     for k, v in pipe.transformer.state_dict().items():
         assert torch.equal(v, saved[f'transformer.{k}']), k
+    # --embedded on guidance.pt: one pass with the guidance in the embedding, as the exported pipeline is sampled.
+    got, _ = stage_images(work, 'guidance.pt', prompts, guidance=4.0, steps=3, seed=1, embedded=True)
+    with torch.no_grad():
+        cond = C.encode_prompts(prompts, pipe.tokenizer, pipe.text_encoder, pipe.tokenizer_2, pipe.text_encoder_2)
+        lat = C.sample_euler(pipe.transformer, cond, C.teacher_sigmas(3), _noise(2, (C.LATENT_CHANNELS, 8, 8), 1),
+                             guidance=4.0)
+        expected = fam.decode_latents(pipe.vae, lat).clamp(-1, 1)
+    assert torch.allclose(got, expected, atol=1e-5)
     # The guidance stage changed the distilled transformer (it is not the fine-tuned one copied).
     ft = torch.load(work / 't2i_ft2.pt')['modules']
     assert any(not torch.equal(v, ft[k]) for k, v in saved.items() if k.startswith('transformer.'))
+    _check_guidance_resume(work, tmp_path)
+
+
+def _check_guidance_resume(work, tmp_path):
+    """A guidance stage stopped right after its step-2 checkpoint and run again ends where an unbroken run ends."""
+    import shutil
+
+    from senseflow_algos.shapes import train_teacher as T
+
+    arch = dict(heads=2, head_dim=16, double=1, single=1)
+    runs = {}
+    for name in ('unbroken', 'resumed'):
+        runs[name] = tmp_path / name
+        shutil.copytree(work, runs[name], ignore=shutil.ignore_patterns('guidance*.pt'))
+    kwargs = dict(steps=4, batch=4, lr=3e-4, guidance_range=(1.0, 8.0), ema_decay=0.9, seed=0, arch=arch,
+                  ft_rounds=2)
+    every, original, T.CHECKPOINT_EVERY = T.CHECKPOINT_EVERY, T._checkpoint, 2
+    try:
+        T.stage_guidance(runs['unbroken'], **kwargs)
+
+        def stop_after_first(ckpt, step, steps, *rest):
+            original(ckpt, step, steps, *rest)
+            if step == 1:
+                raise KeyboardInterrupt
+
+        T._checkpoint = stop_after_first
+        with pytest.raises(KeyboardInterrupt):
+            T.stage_guidance(runs['resumed'], **kwargs)
+        T._checkpoint = original
+        assert torch.load(runs['resumed'] / 'guidance_ckpt.pt')['step'] == 2
+        assert not (runs['resumed'] / 'guidance.pt').exists()
+        T.stage_guidance(runs['resumed'], **kwargs)
+    finally:
+        T.CHECKPOINT_EVERY, T._checkpoint = every, original
+    a = torch.load(runs['unbroken'] / 'guidance.pt')['modules']
+    b = torch.load(runs['resumed'] / 'guidance.pt')['modules']
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    # Not vacuous: two more steps move the weights.
+    ft = torch.load(work / 't2i_ft2.pt')['modules']
+    assert any(not torch.equal(a[k], ft[k]) for k in a if k.startswith('transformer.'))
 
 
 def test_teacher_ema_warmup_formula():
